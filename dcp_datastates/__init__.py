@@ -1,0 +1,35 @@
+"""dcp-datastates: DataStates-LLM lazy, asynchronous checkpointing for torch.distributed.checkpoint.
+
+    import torch.distributed.checkpoint as dcp
+    from dcp_datastates import DataStatesWriter, DataStatesReader
+
+    dcp.async_save(state, storage_writer=DataStatesWriter(path))
+    dcp.load(state, storage_reader=DataStatesReader(path))
+"""
+
+from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.errors import (
+    CheckpointExistsError,
+    CheckpointIOError,
+    CheckpointPathError,
+    DataStatesError,
+    IncompleteCheckpointError,
+    MissingKeysError,
+)
+from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
+from dcp_datastates.reader import DataStatesReader
+from dcp_datastates.writer import DataStatesWriter
+
+__all__ = [
+    "CheckpointExistsError",
+    "CheckpointIOError",
+    "CheckpointPathError",
+    "DataStatesConfig",
+    "DataStatesError",
+    "DataStatesLoadPlanner",
+    "DataStatesReader",
+    "DataStatesSavePlanner",
+    "DataStatesWriter",
+    "IncompleteCheckpointError",
+    "MissingKeysError",
+]

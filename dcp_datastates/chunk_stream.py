@@ -1,0 +1,130 @@
+"""Stream a file's bytes through pool buffers into a write engine (the stage -> write step).
+
+Records are appended in file order; the stream copies them into the current pool
+buffer and hands each full buffer to the engine as one large aligned write, so a
+rank's thousands of small tensors become a handful of ``chunk_bytes`` writes. The
+last buffer is padded to the O_DIRECT alignment and the file is then truncated to
+its exact length, so no garbage byte survives past the end.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import torch
+
+from dcp_datastates.buffer_pool import HostBuffer, HostBufferPool
+from dcp_datastates.config import DIRECT_IO_ALIGNMENT
+from dcp_datastates.native import OpenedFile, WriteEngine, WriteRequest
+
+
+class ChunkedFileStream:
+    def __init__(self, target: OpenedFile, engine: WriteEngine, pool: HostBufferPool) -> None:
+        self._target = target
+        self._engine = engine
+        self._pool = pool
+        self._buffer: HostBuffer | None = None
+        self._fill = 0
+        self._buffer_offset = 0  # file offset of the current buffer's first byte
+        self._pending = 0
+        self._cond = threading.Condition()
+        self._error: BaseException | None = None
+        self._closed = False
+        self.writes_submitted = 0
+
+    @property
+    def position(self) -> int:
+        """File offset of the next byte appended."""
+        return self._buffer_offset + self._fill
+
+    def _current(self) -> HostBuffer:
+        if self._buffer is None:
+            self._raise_if_failed()
+            self._buffer = self._pool.acquire()
+        return self._buffer
+
+    def write_bytes(self, data: bytes | memoryview) -> None:
+        data = memoryview(data).cast("B")
+        pos = 0
+        while pos < len(data):
+            buffer = self._current()
+            n = min(len(data) - pos, self._pool.chunk_bytes - self._fill)
+            buffer.view[self._fill : self._fill + n] = data[pos : pos + n]
+            self._advance(n)
+            pos += n
+
+    def write_tensor(self, flat_bytes: torch.Tensor) -> None:
+        """Append a flat uint8 tensor (host or device); device tensors are copied into the buffer."""
+        total = flat_bytes.numel()
+        pos = 0
+        while pos < total:
+            buffer = self._current()
+            n = min(total - pos, self._pool.chunk_bytes - self._fill)
+            buffer.tensor[self._fill : self._fill + n].copy_(flat_bytes[pos : pos + n])
+            self._advance(n)
+            pos += n
+
+    def _advance(self, n: int) -> None:
+        self._fill += n
+        if self._fill == self._pool.chunk_bytes:
+            self._submit(self._fill)
+
+    def _submit(self, length: int) -> None:
+        buffer = self._buffer
+        assert buffer is not None
+        offset = self._buffer_offset
+        self._buffer = None
+        self._buffer_offset += self._fill
+        self._fill = 0
+        with self._cond:
+            self._pending += 1
+        self.writes_submitted += 1
+
+        def on_done(error: BaseException | None, buffer: HostBuffer = buffer) -> None:
+            self._pool.release(buffer)
+            with self._cond:
+                self._pending -= 1
+                if error is not None and self._error is None:
+                    self._error = error
+                self._cond.notify_all()
+
+        try:
+            self._engine.submit(WriteRequest(self._target.fd, self._target.path, buffer.view[:length], offset, on_done))
+        except BaseException as exc:
+            on_done(exc)
+            raise
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _wait_all(self) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending == 0)
+
+    def close(self, fsync: bool) -> int:
+        """Flush the tail, wait for every write, fix the length, fsync; return the file size."""
+        size = self.position
+        try:
+            if self._fill:
+                padded = -(-self._fill // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
+                self._submit(padded)
+            self._wait_all()
+            self._raise_if_failed()
+            os.ftruncate(self._target.fd, size)
+            if fsync:
+                os.fsync(self._target.fd)
+        finally:
+            self.abort()
+        return size
+
+    def abort(self) -> None:
+        """Wait for in-flight writes (their buffers must come back) and close the file."""
+        if self._buffer is not None:
+            self._pool.release(self._buffer)
+            self._buffer = None
+        self._wait_all()
+        if not self._closed:
+            self._closed = True
+            os.close(self._target.fd)

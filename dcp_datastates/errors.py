@@ -1,0 +1,30 @@
+"""Errors a user of the backend can meet, each saying what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class DataStatesError(Exception):
+    """Base class of every error raised by dcp_datastates."""
+
+
+class CheckpointExistsError(DataStatesError, FileExistsError):
+    """The target directory already holds a complete checkpoint and overwrite was not asked for."""
+
+
+class CheckpointPathError(DataStatesError, OSError):
+    """The checkpoint path cannot be used (it is a file, or cannot be written/read)."""
+
+
+class IncompleteCheckpointError(DataStatesError, FileNotFoundError):
+    """A directory without a committed ``.metadata``: a save failed, is still running, or it is the wrong path."""
+
+
+class MissingKeysError(DataStatesError, KeyError):
+    """The state dict asks for keys the checkpoint does not hold."""
+
+    def __str__(self) -> str:  # KeyError would wrap the message in quotes
+        return str(self.args[0]) if self.args else ""
+
+
+class CheckpointIOError(DataStatesError, OSError):
+    """A read or write failed; the message names the file and offset."""

@@ -1,0 +1,52 @@
+"""Where every byte of a rank's checkpoint goes (the plan step's output).
+
+Tensor records have a size known from dtype and shape alone (see ``framing``), so
+the whole data file is laid out before any copy starts: every item's offset is
+fixed, write results are known up front, and the bytes can be streamed in one pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch.distributed.checkpoint.planner import WriteItem
+
+from dcp_datastates.framing import TensorFraming, tensor_framing
+from dcp_datastates.state_providers import ProviderGroups
+
+DATA_SUFFIX = ".distcp"
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    item: WriteItem
+    offset: int  # where the torch.save container starts in the file
+    framing: TensorFraming
+
+
+@dataclass(frozen=True)
+class RankLayout:
+    tensor_file: str
+    tensor_records: list[TensorRecord]
+    tensor_file_bytes: int
+    object_file: str
+    object_items: list[WriteItem]
+
+
+def build_rank_layout(groups: ProviderGroups, file_prefix: str) -> RankLayout:
+    """Pack every tensor record back to back in provider order; objects get their own file."""
+    records: list[TensorRecord] = []
+    offset = 0
+    for claimed in groups.tensors():
+        chunk = claimed.item.tensor_data
+        assert chunk is not None, f"tensor item {claimed.item.index} without tensor_data"
+        framing = tensor_framing(chunk.properties.dtype, tuple(chunk.size))
+        records.append(TensorRecord(claimed.item, offset, framing))
+        offset += framing.total_bytes
+    return RankLayout(
+        tensor_file=f"{file_prefix}0{DATA_SUFFIX}",
+        tensor_records=records,
+        tensor_file_bytes=offset,
+        object_file=f"{file_prefix}1{DATA_SUFFIX}",
+        object_items=[c.item for c in groups.objects()],
+    )
