@@ -38,9 +38,10 @@ def build_rank_layout(groups: ProviderGroups, file_prefix: str) -> RankLayout:
     records: list[TensorRecord] = []
     offset = 0
     for claimed in groups.tensors():
-        chunk = claimed.item.tensor_data
-        assert chunk is not None, f"tensor item {claimed.item.index} without tensor_data"
-        framing = tensor_framing(chunk.properties.dtype, tuple(chunk.size))
+        data = claimed.item.tensor_data
+        assert data is not None, f"tensor item {claimed.item.index} without tensor_data"
+        # data.size is the global tensor's; this rank writes the chunk (its shard).
+        framing = tensor_framing(data.properties.dtype, tuple(data.chunk.sizes))
         records.append(TensorRecord(claimed.item, offset, framing))
         offset += framing.total_bytes
     return RankLayout(

@@ -225,13 +225,14 @@ def _write_result(item: WriteItem, relative_path: str, offset: int, length: int)
 
 
 def _check_tensor_matches(item: WriteItem, tensor: Any) -> None:
-    chunk = item.tensor_data
-    assert chunk is not None
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(chunk.size):
+    data = item.tensor_data
+    assert data is not None
+    expected = tuple(data.chunk.sizes)
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
         raise ValueError(
-            f"{item.index.fqn!r}: planner resolved {shape}, but the plan expects shape {tuple(chunk.size)}; "
+            f"{item.index.fqn!r}: planner resolved {shape}, but the plan expects shape {expected}; "
             "was the state dict changed between planning and writing?"
         )
-    if tensor.dtype != chunk.properties.dtype:
-        raise ValueError(f"{item.index.fqn!r}: planner resolved {tensor.dtype}, plan expects {chunk.properties.dtype}")
+    if tensor.dtype != data.properties.dtype:
+        raise ValueError(f"{item.index.fqn!r}: planner resolved {tensor.dtype}, plan expects {data.properties.dtype}")
