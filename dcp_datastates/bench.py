@@ -1,0 +1,174 @@
+"""Save-throughput benchmark: DataStatesWriter vs stock DCP, measured side by side in one run.
+
+    python -m dcp_datastates.bench --size-gib 2 --dir /path/on/the/disk/to/test
+
+Rows: the raw O_DIRECT ceiling of the disk (pwrite of pre-filled aligned buffers, no
+checkpoint logic), stock ``FileSystemWriter`` (8 threads), stock ``async_save`` with
+``DefaultStager`` (time until the upload completes), and ``DataStatesWriter`` with each
+engine. Methods run round-robin (the order rotating each round), ``--repeats`` times, and each
+row reports its median and range, so a disk whose speed drifts during the run (shared
+cloud disks do) affects every row alike. Every save includes its
+fsyncs. With ``--device cuda`` the state lives on the GPU (what training checkpoints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import shutil
+import statistics
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.writer import DataStatesWriter
+
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+GiB = 1024**3
+
+
+@dataclass
+class Row:
+    name: str
+    seconds: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+
+def make_state(size_bytes: int, device: str) -> dict:
+    """An LLM-like mix: large matrices plus many small norms and biases, and a step counter.
+
+    Nested like a real training state (``{"model": {...}, "step": n}``): DCP's per-top-level-key
+    overhead would otherwise dominate and hide the storage layer being measured.
+    """
+    model: dict = {}
+    small, i = 0, 0
+    while small < size_bytes // 50:  # ~2% of bytes in hundreds of small tensors
+        model[f"layers.{i}.norm.weight"] = torch.randn(4096, device=device)
+        small += 4096 * 4
+        i += 1
+    big = size_bytes - small
+    per_tensor = 64 * 1024**2
+    for j in range(max(1, big // per_tensor)):
+        model[f"layers.{j}.mlp.weight"] = torch.randn(per_tensor // 4, device=device)
+    return {"model": model, "step": 1000}
+
+
+def state_bytes(state: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in state["model"].values())
+
+
+def raw_o_direct(directory: Path, size_bytes: int, chunk: int = 32 * 1024**2) -> float:
+    """The ceiling: aligned pre-filled buffers written O_DIRECT at increasing offsets, then fsync."""
+    buffer = mmap.mmap(-1, chunk)
+    buffer.write(os.urandom(1024**2) * (chunk // 1024**2))
+    path = directory / "raw.bin"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    start = time.perf_counter()
+    for offset in range(0, size_bytes, chunk):
+        os.pwrite(fd, buffer, offset)
+    os.fsync(fd)
+    elapsed = time.perf_counter() - start
+    os.close(fd)
+    path.unlink()
+    return elapsed
+
+
+def timed(save: Callable[[Path], None], directory: Path) -> float:
+    target = directory / "ckpt"
+    start = time.perf_counter()
+    save(target)
+    elapsed = time.perf_counter() - start
+    shutil.rmtree(target)
+    return elapsed
+
+
+def settle() -> None:
+    """Let the previous run's deletes and writeback finish outside the next run's clock."""
+    os.sync()
+    time.sleep(1.0)
+
+
+def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[list[Row], int]:
+    state = make_state(int(size_gib * GiB), device)
+    total = state_bytes(state)
+    config = DataStatesConfig(chunk_bytes="32MiB", host_pool_bytes="512MiB")
+
+    def stock_fs(path: Path) -> None:
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, thread_count=8), no_dist=True)
+
+    def stock_async(path: Path) -> None:
+        pinned = device == "cuda"
+        stager = DefaultStager(StagingOptions(pinned, pinned, pinned, pinned))
+        try:
+            response = dcp.async_save(state, storage_writer=dcp.FileSystemWriter(path, thread_count=8), async_stager=stager, no_dist=True)
+            (response.upload_completion if hasattr(response, "upload_completion") else response).result()
+        finally:
+            stager.close()
+
+    def ours(engine: str) -> Callable[[Path], None]:
+        engine_config = config.model_copy(update={"io_engine": engine})
+
+        def save(path: Path) -> None:
+            dcp.save(state, storage_writer=DataStatesWriter(path, engine_config), no_dist=True)
+
+        return save
+
+    methods: dict[str, Callable[[Path], float]] = {
+        "raw O_DIRECT (ceiling)": lambda d: raw_o_direct(d, total),
+        "stock FileSystemWriter (8 threads)": lambda d: timed(stock_fs, d),
+        "stock async_save + DefaultStager": lambda d: timed(stock_async, d),
+        "DataStatesWriter io_uring": lambda d: timed(ours("io_uring"), d),
+        "DataStatesWriter threads": lambda d: timed(ours("threads"), d),
+    }
+    rows = {name: Row(name, []) for name in methods}
+    timed(ours("io_uring"), directory)  # warm-up: allocates the pool once, as a training job would
+    names = list(methods)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate who goes first
+            settle()
+            rows[name].seconds.append(methods[name](directory))
+    return list(rows.values()), total
+
+
+def print_table(rows: list[Row], total: int, device: str) -> None:
+    by_name = {r.name: r for r in rows}
+    ceiling = total / by_name["raw O_DIRECT (ceiling)"].median
+    stock = total / by_name["stock FileSystemWriter (8 threads)"].median
+    print(f"state: {total / GiB:.2f} GiB on {device}; median of {len(rows[0].seconds)} runs each, round-robin")
+    print(f"{'method':<38}{'seconds':>9}{'GiB/s':>8}{'(range)':>14}{'vs stock FS':>13}{'of ceiling':>12}")
+    for row in rows:
+        rate = total / row.median
+        spread = f"{total / max(row.seconds) / GiB:.2f}-{total / min(row.seconds) / GiB:.2f}"
+        print(f"{row.name:<38}{row.median:>9.2f}{rate / GiB:>8.2f}{spread:>14}{rate / stock:>12.2f}x{rate / ceiling:>11.0%}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dcp_datastates.bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-gib", type=float, default=2.0)
+    parser.add_argument("--dir", type=Path, default=None, help="directory on the disk to measure (default: a temp dir)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    directory = Path(tempfile.mkdtemp(prefix="dcp_datastates_bench_", dir=args.dir))
+    try:
+        rows, total = run(args.size_gib, directory, args.repeats, args.device)
+        print_table(rows, total, args.device)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
