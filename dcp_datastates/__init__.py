@@ -12,9 +12,11 @@ from dcp_datastates.errors import (
     CheckpointExistsError,
     CheckpointIOError,
     CheckpointPathError,
+    ChecksumMismatchError,
     DataStatesError,
     IncompleteCheckpointError,
     MissingKeysError,
+    UnsafeCheckpointError,
 )
 from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
 from dcp_datastates.reader import DataStatesReader
@@ -24,6 +26,7 @@ __all__ = [
     "CheckpointExistsError",
     "CheckpointIOError",
     "CheckpointPathError",
+    "ChecksumMismatchError",
     "DataStatesConfig",
     "DataStatesError",
     "DataStatesLoadPlanner",
@@ -32,4 +35,5 @@ __all__ = [
     "DataStatesWriter",
     "IncompleteCheckpointError",
     "MissingKeysError",
+    "UnsafeCheckpointError",
 ]

@@ -7,6 +7,7 @@ Sizes accept plain integers (bytes) or strings such as ``"512MiB"`` / ``"2GiB"``
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Literal
 
@@ -15,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 #: O_DIRECT needs buffers, offsets and lengths aligned to the logical block size.
 #: 4096 covers every device we know of (512e and 4Kn disks, NVMe, ext4/xfs).
 DIRECT_IO_ALIGNMENT = 4096
+#: Preferred checksum block: small enough to locate corruption, large enough to cost nothing.
+CHECKSUM_BLOCK_BYTES = 1024**2
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
           "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
@@ -78,6 +81,12 @@ class DataStatesConfig(BaseModel):
         "declared complete. Turning it off trades crash safety for speed.",
     )
 
+    checksums: bool = Field(
+        True,
+        description="Compute XXH64 checksums of every data-file block while staging and store them in a "
+        "per-rank side file (stock DCP ignores it); DataStatesReader and `dcp-datastates verify` check them.",
+    )
+
     @field_validator("chunk_bytes", "host_pool_bytes", mode="before")
     @classmethod
     def _parse_sizes(cls, value: int | str, info) -> int:  # type: ignore[no-untyped-def]
@@ -105,6 +114,11 @@ class DataStatesConfig(BaseModel):
                 "or lower chunk_bytes"
             )
         return self
+
+    @property
+    def checksum_block_bytes(self) -> int:
+        """Checksum granularity: 1 MiB, or less when chunks are smaller (it must divide a chunk)."""
+        return math.gcd(self.chunk_bytes, CHECKSUM_BLOCK_BYTES)
 
     @property
     def pool_buffers(self) -> int:

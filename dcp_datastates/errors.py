@@ -28,3 +28,11 @@ class MissingKeysError(DataStatesError, KeyError):
 
 class CheckpointIOError(DataStatesError, OSError):
     """A read or write failed; the message names the file and offset."""
+
+
+class ChecksumMismatchError(CheckpointIOError):
+    """Bytes on disk differ from the checksums recorded at save time (bit rot, truncation, tampering)."""
+
+
+class UnsafeCheckpointError(DataStatesError, ValueError):
+    """Loading would unpickle something that could run code; needs an explicit opt-in."""

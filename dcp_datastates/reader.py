@@ -1,16 +1,19 @@
 """``DataStatesReader``: DCP ``StorageReader`` for checkpoints of ours or of stock DCP.
 
 Read flow: read plan (DCP's planner picks which stored chunks feed which local
-tensors, resharding included) -> read (one pass per file, in offset order) -> load
-each record with ``torch.load(weights_only=True)`` and copy the requested slice into
-the destination tensor.
+tensors, resharding included) -> read (per file, records in offset order, gathered
+into large block-aligned windows so thousands of small records cost a few reads)
+-> verify (every block of a window against the checksums recorded at save time,
+when the checkpoint has them) -> deliver (``torch.load(weights_only=True)`` per tensor
+record, a copy of the requested slice into the destination; object records are
+checked for safe unpickling first).
 """
 
 from __future__ import annotations
 
 import io
 import os
-import pickle
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -22,23 +25,52 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from dcp_datastates.checksums import FileChecksums, load_checksums
 from dcp_datastates.commit import METADATA_FILE
-from dcp_datastates.errors import CheckpointIOError, CheckpointPathError, IncompleteCheckpointError
+from dcp_datastates.errors import (
+    CheckpointIOError,
+    CheckpointPathError,
+    ChecksumMismatchError,
+    IncompleteCheckpointError,
+)
+from dcp_datastates.safe_pickle import check_object_record, load_metadata
 from dcp_datastates.writer import validate_directory_id
+
+#: Largest read issued at once; records are gathered up to this size per read.
+READ_WINDOW_BYTES = 64 * 1024**2
+
+
+@dataclass(frozen=True)
+class _Window:
+    start: int
+    end: int
+    items: list[ReadItem]
 
 
 class DataStatesReader(StorageReader):
-    """Load a DCP checkpoint directory (written by ``DataStatesWriter`` or ``FileSystemWriter``)."""
+    """Load a DCP checkpoint directory (written by ``DataStatesWriter`` or ``FileSystemWriter``).
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    Args:
+        path: checkpoint directory.
+        verify_checksums: check every byte read against the checksums recorded at save time
+            (checkpoints written by stock DCP have none and load unverified).
+        trust_checkpoint: allow unpickling arbitrary Python objects from the checkpoint. Off by
+            default: only what ``torch.load(weights_only=True)`` accepts is loaded.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, verify_checksums: bool = True, trust_checkpoint: bool = False) -> None:
         super().__init__()
         self.path = Path(path)
+        self.verify_checksums = verify_checksums
+        self.trust_checkpoint = trust_checkpoint
         self.storage_data: dict[MetadataIndex, _StorageInfo] = {}
+        self.checksums: dict[str, FileChecksums] = {}
 
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
         if checkpoint_id:
             self.path = Path(checkpoint_id)
         self.storage_data = {}
+        self.checksums = {}
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
@@ -48,6 +80,7 @@ class DataStatesReader(StorageReader):
     def checkpoint_id(self) -> Path:
         return self.path
 
+    # -- read plan ---------------------------------------------------------------------------
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         if not self.path.exists():
             raise CheckpointPathError(f"checkpoint path {str(self.path)!r} does not exist")
@@ -60,7 +93,7 @@ class DataStatesReader(StorageReader):
                 "failed or is still running, or this is not a checkpoint directory; load an earlier checkpoint."
             )
         with open(metadata_path, "rb") as f:
-            metadata = pickle.load(f)
+            metadata = load_metadata(f, trust=self.trust_checkpoint)
         if not isinstance(metadata, Metadata):
             raise IncompleteCheckpointError(f"{metadata_path} does not hold DCP Metadata (got {type(metadata).__name__})")
         if getattr(metadata, "storage_meta", None) is None:
@@ -71,6 +104,7 @@ class DataStatesReader(StorageReader):
         if metadata.storage_data is None:
             raise IncompleteCheckpointError(f"{self.path / METADATA_FILE} has no storage_data: not a file-system checkpoint")
         self.storage_data = metadata.storage_data
+        self.checksums = load_checksums(self.path) if self.verify_checksums else {}
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan
@@ -78,6 +112,7 @@ class DataStatesReader(StorageReader):
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
         return plans
 
+    # -- read, verify, deliver -----------------------------------------------------------------
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:
@@ -89,8 +124,25 @@ class DataStatesReader(StorageReader):
         future.set_result(None)
         return future
 
+    def _windows(self, items: list[ReadItem], block_bytes: int, file_size: int | None) -> list[_Window]:
+        """Group offset-sorted records into reads of at most READ_WINDOW_BYTES, block-aligned."""
+        windows: list[_Window] = []
+        for item in items:
+            info = self.storage_data[item.storage_index]
+            start = info.offset // block_bytes * block_bytes
+            end = -(-(info.offset + info.length) // block_bytes) * block_bytes
+            if file_size is not None:
+                end = min(end, file_size)
+            last = windows[-1] if windows else None
+            if last is not None and start <= last.end and max(end, last.end) - last.start <= READ_WINDOW_BYTES:
+                windows[-1] = _Window(last.start, max(end, last.end), last.items + [item])
+            else:
+                windows.append(_Window(start, end, [item]))
+        return windows
+
     def _read_file(self, relative_path: str, items: list[ReadItem], planner: LoadPlanner) -> None:
         path = self.path / relative_path
+        checksums = self.checksums.get(relative_path)
         try:
             fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError as exc:
@@ -99,20 +151,51 @@ class DataStatesReader(StorageReader):
                 f"(needed by {items[0].storage_index.fqn!r}); the checkpoint is damaged"
             ) from exc
         try:
-            for item in items:
-                info = self.storage_data[item.storage_index]
-                record = os.pread(fd, info.length, info.offset)
-                if len(record) != info.length:
-                    raise CheckpointIOError(
-                        f"{item.storage_index.fqn!r}: {relative_path} is truncated (wanted {info.length} bytes at "
-                        f"offset {info.offset}, got {len(record)}); the checkpoint is damaged"
-                    )
-                self._deliver(item, record, relative_path, info, planner)
+            size = os.fstat(fd).st_size
+            if checksums is not None and size != checksums.size:
+                raise ChecksumMismatchError(
+                    f"{relative_path} is {'truncated' if size < checksums.size else 'longer than saved'}: {size} bytes, "
+                    f"saved with {checksums.size} (holds {items[0].storage_index.fqn!r}); the checkpoint is damaged"
+                )
+            block_bytes = checksums.block_bytes if checksums is not None else 4096
+            for window in self._windows(items, block_bytes, checksums.size if checksums else None):
+                data = memoryview(os.pread(fd, window.end - window.start, window.start))
+                if checksums is not None:
+                    self._verify(window, data, checksums, relative_path)
+                for item in window.items:
+                    info = self.storage_data[item.storage_index]
+                    record = data[info.offset - window.start : info.offset - window.start + info.length]
+                    if len(record) != info.length:
+                        raise CheckpointIOError(
+                            f"{item.storage_index.fqn!r}: {relative_path} is truncated (wanted {info.length} bytes "
+                            f"at offset {info.offset}, got {len(record)}); the checkpoint is damaged"
+                        )
+                    self._deliver(item, record, relative_path, info, planner)
         finally:
             os.close(fd)
 
-    def _deliver(self, item: ReadItem, record: bytes, relative_path: str, info: _StorageInfo, planner: LoadPlanner) -> None:
+    def _verify(self, window: _Window, data: memoryview, checksums: FileChecksums, relative_path: str) -> None:
+        bad_blocks = checksums.bad_blocks(data, window.start)
+        if not bad_blocks:
+            return
+        bad = bad_blocks[0]
+        block_start, block_end = bad * checksums.block_bytes, (bad + 1) * checksums.block_bytes
+        keys = [
+            it.storage_index.fqn
+            for it in window.items
+            if self.storage_data[it.storage_index].offset < block_end
+            and self.storage_data[it.storage_index].offset + self.storage_data[it.storage_index].length > block_start
+        ]
+        raise ChecksumMismatchError(
+            f"checksum mismatch in {relative_path} at offset {block_start} (block of {checksums.block_bytes} bytes) "
+            f"holding {', '.join(repr(k) for k in keys)}: the bytes on disk are not the ones saved; the checkpoint "
+            "is corrupted. Load an earlier checkpoint, or pass verify_checksums=False to read it anyway."
+        )
+
+    def _deliver(self, item: ReadItem, record: memoryview, relative_path: str, info: _StorageInfo, planner: LoadPlanner) -> None:
         if item.type == LoadItemType.BYTE_IO:
+            if not self.trust_checkpoint:
+                check_object_record(record, item.storage_index.fqn, relative_path, info.offset)
             planner.load_bytes(item, io.BytesIO(record))
             return
         try:

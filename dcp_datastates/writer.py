@@ -27,6 +27,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_datastates.buffer_pool import HostBufferPool
+from dcp_datastates.checksums import FileChecksums, checksum_file_name, checksums_of, write_checksum_file
 from dcp_datastates.chunk_stream import ChunkedFileStream
 from dcp_datastates.commit import (
     commit_metadata,
@@ -137,11 +138,16 @@ class DataStatesWriter(StorageWriter):
             self.config.io_engine, io_threads=self.config.io_threads, queue_depth=self.config.queue_depth
         )
         created: list[Path] = []
+        checksums: dict[str, FileChecksums] = {}
         try:
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-datastates-objects") as objects_thread:
-                objects = objects_thread.submit(self._write_objects, layout, planner, created)
-                tensor_results = self._write_tensors(layout, planner, engine, created)
+                objects = objects_thread.submit(self._write_objects, layout, planner, created, checksums)
+                tensor_results = self._write_tensors(layout, planner, engine, created, checksums)
                 results = tensor_results + objects.result()
+            if self.config.checksums and checksums:
+                checksum_path = self.path / checksum_file_name(prefix.prefix)
+                created.append(checksum_path)
+                write_checksum_file(checksum_path, checksums, fsync=self.config.fsync)
         except BaseException:
             for path in created:  # a failed save leaves nothing behind that could be mistaken for data
                 path.unlink(missing_ok=True)
@@ -159,14 +165,20 @@ class DataStatesWriter(StorageWriter):
         return HostBufferPool.shared(self.config.chunk_bytes, self.config.pool_buffers, pin)
 
     def _write_tensors(
-        self, layout: RankLayout, planner: SavePlanner, engine: WriteEngine, created: list[Path]
+        self,
+        layout: RankLayout,
+        planner: SavePlanner,
+        engine: WriteEngine,
+        created: list[Path],
+        checksums: dict[str, FileChecksums],
     ) -> list[WriteResult]:
         if not layout.tensor_records:
             return []
         path = self.path / layout.tensor_file
         target = open_for_write(str(path), self.config.direct_io)
         created.append(path)
-        stream = ChunkedFileStream(target, engine, self._pool())
+        block_bytes = self.config.checksum_block_bytes
+        stream = ChunkedFileStream(target, engine, self._pool(), block_bytes if self.config.checksums else None)
         results = []
         try:
             for record in layout.tensor_records:
@@ -185,25 +197,30 @@ class DataStatesWriter(StorageWriter):
             raise RuntimeError(f"wrote {size} bytes to {path}, layout planned {layout.tensor_file_bytes}")
         self.last_stats.tensor_bytes = size
         self.last_stats.tensor_writes = stream.writes_submitted
+        checksums[layout.tensor_file] = FileChecksums(size, block_bytes, tuple(stream.checksums))
         return results
 
-    def _write_objects(self, layout: RankLayout, planner: SavePlanner, created: list[Path]) -> list[WriteResult]:
+    def _write_objects(
+        self, layout: RankLayout, planner: SavePlanner, created: list[Path], checksums: dict[str, FileChecksums]
+    ) -> list[WriteResult]:
         """Pickle non-tensor state into the rank's object file; runs beside the tensor stream."""
         if not layout.object_items:
             return []
-        path = self.path / layout.object_file
+        contents = bytearray()
         results = []
+        for item in layout.object_items:
+            payload = planner.resolve_data(item).getbuffer()
+            results.append(_write_result(item, layout.object_file, len(contents), len(payload)))
+            contents += payload
+        path = self.path / layout.object_file
+        created.append(path)
         with open(path, "wb") as f:
-            created.append(path)
-            for item in layout.object_items:
-                payload = planner.resolve_data(item).getbuffer()
-                offset = f.tell()
-                f.write(payload)
-                results.append(_write_result(item, layout.object_file, offset, len(payload)))
+            f.write(contents)
             f.flush()
             if self.config.fsync:
                 os.fsync(f.fileno())
-            self.last_stats.object_bytes = f.tell()
+        self.last_stats.object_bytes = len(contents)
+        checksums[layout.object_file] = checksums_of(contents, self.config.checksum_block_bytes)
         return results
 
     # -- StorageWriter: the commit step ------------------------------------------------------
@@ -213,7 +230,7 @@ class DataStatesWriter(StorageWriter):
         metadata.storage_meta = self.storage_meta()
         metadata.version = "1.0.0"
         commit_metadata(self.path, metadata, self.save_id[:8], fsync=self.config.fsync)
-        remove_stale_files(self.path, keep={info.relative_path for info in storage_data.values()})
+        remove_stale_files(self.path, current_tag=self.save_id[:8])
 
 
 def _with_storage_data(plan: SavePlan, storage_data: Any) -> SavePlan:

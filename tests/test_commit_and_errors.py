@@ -159,8 +159,10 @@ def test_missing_and_truncated_data_files(tmp_path, make_writer):
     save(make_writer(tmp_path / "c"), state)
     (data,) = [p for p in (tmp_path / "c").iterdir() if p.name.endswith("_0.distcp")]
     os.truncate(data, data.stat().st_size - 10)
-    with pytest.raises(CheckpointException, match=r"(?s)'a'.*truncated"):
+    with pytest.raises(CheckpointException, match=r"(?s)ChecksumMismatchError: __0_\w+_0.distcp is truncated.*'a'"):
         load(tmp_path / "c", state)
+    with pytest.raises(CheckpointException, match=r"(?s)CheckpointIOError: 'a'.*truncated"):
+        dcp.load({"a": torch.zeros(100)}, storage_reader=DataStatesReader(tmp_path / "c", verify_checksums=False), no_dist=True)
     data.unlink()
     with pytest.raises(CheckpointException, match="(?s)is missing"):
         load(tmp_path / "c", state)

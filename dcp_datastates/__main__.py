@@ -1,0 +1,5 @@
+import sys
+
+from dcp_datastates.cli import main
+
+sys.exit(main())

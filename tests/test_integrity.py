@@ -1,0 +1,190 @@
+"""Checksum kernels, verify-on-load, the CLI, and safe loading of pickled content."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed.checkpoint as dcp
+import xxhash
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.distributed.checkpoint.api import CheckpointException
+
+from conftest import assert_state_equal, sample_state, small_config, zeros_like_state
+from dcp_datastates import DataStatesReader, DataStatesWriter, UnsafeCheckpointError
+from dcp_datastates.cli import main as cli_main
+from dcp_datastates.kernels import block_checksums, xxh64
+
+
+@given(st.binary(min_size=0, max_size=5000), st.integers(min_value=1, max_value=700))
+@settings(max_examples=200, deadline=None)
+def test_block_checksums_match_reference_xxh64(data, block):
+    expected = [xxhash.xxh64_intdigest(data[i : i + block]) for i in range(0, len(data), block)]
+    assert block_checksums(data, block) == expected
+
+
+@pytest.mark.parametrize("length", [1, 7, 31, 32, 33, 1023, 4097, 1_000_003])
+def test_xxh64_odd_lengths_and_offsets(length):
+    data = np.random.default_rng(length).integers(0, 256, length + 13, dtype=np.uint8)
+    assert int(xxh64(data, 13, length, np.uint64(0))) == xxhash.xxh64_intdigest(data[13:].tobytes())
+
+
+def save(path, state, engine="io_uring"):
+    dcp.save(state, storage_writer=DataStatesWriter(path, small_config(engine)), no_dist=True)
+
+
+def data_file(path: pathlib.Path) -> pathlib.Path:
+    (found,) = [p for p in path.iterdir() if p.name.endswith("_0.distcp")]
+    return found
+
+
+def flip_byte_inside(path: pathlib.Path, key: str) -> int:
+    """Flip one byte in the middle of ``key``'s raw tensor bytes; return its file offset."""
+    metadata = DataStatesReader(path).read_metadata()
+    (info,) = [i for idx, i in metadata.storage_data.items() if idx.fqn == key]
+    offset = info.offset + info.length // 2
+    with open(path / info.relative_path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    return offset
+
+
+def test_checksums_are_stored_beside_the_data_and_stock_dcp_ignores_them(tmp_path, engine):
+    state = sample_state()
+    save(tmp_path / "c", state, engine)
+    (side,) = list((tmp_path / "c").glob("__0_*_checksums.json"))
+    document = json.loads(side.read_text())
+    assert document["algorithm"] == "xxh64"
+    for name, entry in document["files"].items():
+        contents = (tmp_path / "c" / name).read_bytes()
+        assert entry["size"] == len(contents)
+        assert [int(b, 16) for b in entry["blocks"]] == block_checksums(contents, entry["block_bytes"])
+    out = zeros_like_state(state)
+    dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / "c"), no_dist=True)
+    assert_state_equal(out, state)
+
+
+def test_flipped_byte_is_caught_on_load_naming_key_file_and_offset(tmp_path):
+    state = {"clean": torch.ones(100), "victim": torch.arange(5000.0)}
+    save(tmp_path / "c", state)
+    offset = flip_byte_inside(tmp_path / "c", "victim")
+    block = offset // 8192 * 8192  # small_config: 8 KiB chunks -> 8 KiB checksum blocks
+    name = data_file(tmp_path / "c").name
+    with pytest.raises(CheckpointException, match=rf"(?s)ChecksumMismatchError: checksum mismatch in {name} at offset {block}.*'victim'"):
+        dcp.load({"clean": torch.zeros(100), "victim": torch.zeros(5000)}, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
+    # the switch to skip verification reads the (corrupt) bytes as they are
+    out = {"clean": torch.zeros(100), "victim": torch.zeros(5000)}
+    dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c", verify_checksums=False), no_dist=True)
+    assert torch.equal(out["clean"], torch.ones(100)) and not torch.equal(out["victim"], state["victim"])
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dcp_datastates", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_verify_ok_then_corrupt(tmp_path):
+    save(tmp_path / "c", {"a": torch.randn(3000), "b": torch.randn(50), "step": 3})
+    ok = run_cli("verify", str(tmp_path / "c"))
+    assert ok.returncode == 0 and ok.stdout.startswith("OK: 2 files"), ok.stdout + ok.stderr
+    offset = flip_byte_inside(tmp_path / "c", "a")
+    bad = run_cli("verify", str(tmp_path / "c"), "--json")
+    assert bad.returncode == 1
+    report = json.loads(bad.stdout)
+    assert report["ok"] is False
+    (problem,) = report["problems"]
+    assert problem["file"] == data_file(tmp_path / "c").name and problem["keys"] == ["a"]
+    assert problem["offset"] <= offset < problem["offset"] + problem["length"]
+    text = run_cli("verify", str(tmp_path / "c"), "--no-progress")
+    assert text.returncode == 1 and "CORRUPT" in text.stdout and "'a'" in text.stdout
+
+
+def test_cli_verify_reports_missing_files_and_unverified_stock_checkpoints(tmp_path):
+    save(tmp_path / "c", {"a": torch.randn(100)})
+    data_file(tmp_path / "c").unlink()
+    missing = run_cli("verify", str(tmp_path / "c"), "--no-progress")
+    assert missing.returncode == 1 and "file is missing" in missing.stdout
+    dcp.save({"a": torch.randn(100)}, storage_writer=dcp.FileSystemWriter(tmp_path / "stock"), no_dist=True)
+    stock = run_cli("verify", str(tmp_path / "stock"), "--no-progress")
+    assert stock.returncode == 0 and "unverified" in stock.stdout
+    not_ckpt = run_cli("verify", str(tmp_path))
+    assert not_ckpt.returncode == 2 and "not a complete checkpoint" in not_ckpt.stderr
+
+
+def test_cli_inspect_table_and_json(tmp_path, capsys):
+    state = {"model": {"w": torch.randn(4, 6, dtype=torch.float64), "b": torch.zeros(6, dtype=torch.bfloat16)}, "step": 9}
+    save(tmp_path / "c", state)
+    assert cli_main(["inspect", str(tmp_path / "c")]) == 0
+    table = capsys.readouterr().out
+    assert "model.w" in table and "float64" in table and "4x6" in table and "192 B" in table
+    assert "total: 3 keys (2 tensors, 1 objects)" in table
+    assert cli_main(["inspect", str(tmp_path / "c"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    by_key = {e["key"]: e for e in info["entries"]}
+    assert by_key["model.b"] == {"key": "model.b", "kind": "tensor", "dtype": "bfloat16", "shape": [6], "bytes": 12, "shards": 1, "ranks": [0]}
+    assert by_key["step"]["kind"] == "object" and info["totals"]["tensor_bytes"] == 4 * 6 * 8 + 12
+
+
+def test_cli_convert_to_torch_and_safetensors(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    state = {"model": {"w": torch.randn(4, 6), "b": torch.arange(6)}, "step": 9, "name": "run"}
+    save(tmp_path / "c", state)
+    assert cli_main(["convert", str(tmp_path / "c"), str(tmp_path / "out.pt"), "--to", "torch"]) == 0
+    loaded = torch.load(tmp_path / "out.pt", weights_only=True)
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["step"] == 9 and loaded["name"] == "run"
+    assert cli_main(["convert", str(tmp_path / "c"), str(tmp_path / "out.st"), "--to", "safetensors"]) == 0
+    tensors = load_file(tmp_path / "out.st")
+    assert torch.equal(tensors["model.w"], state["model"]["w"]) and torch.equal(tensors["model.b"], state["model"]["b"])
+    with safe_open(tmp_path / "out.st", "pt") as f:
+        assert json.loads(f.metadata()["dcp_datastates.objects"]) == {"step": 9, "name": "run"}
+
+
+class Planted:
+    """A pickle that runs code when loaded: it creates a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def test_malicious_object_pickle_is_refused_by_default(tmp_path):
+    marker = tmp_path / "pwned"
+    save(tmp_path / "c", {"w": torch.ones(3), "extra": Planted(str(marker))})
+    assert not marker.exists()
+    with pytest.raises(CheckpointException, match=r"(?s)UnsafeCheckpointError: object 'extra'.*safe loading refuses.*trust_checkpoint=True"):
+        dcp.load({"w": torch.zeros(3), "extra": None}, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
+    assert not marker.exists()
+    # an explicit opt-in loads it -- and shows why it is opt-in
+    dcp.load({"w": torch.zeros(3), "extra": None}, storage_reader=DataStatesReader(tmp_path / "c", trust_checkpoint=True), no_dist=True)
+    assert marker.exists()
+
+
+def test_malicious_metadata_pickle_is_refused(tmp_path):
+    marker = tmp_path / "pwned"
+    save(tmp_path / "c", {"w": torch.ones(3)})
+    (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(Planted(str(marker))))
+    with pytest.raises(UnsafeCheckpointError, match=r"\.metadata refers to pathlib\.Path\.touch|\.metadata refers to"):
+        DataStatesReader(tmp_path / "c").read_metadata()
+    assert not marker.exists()
+    bad = run_cli("inspect", str(tmp_path / "c"))
+    assert bad.returncode == 2 and "not a DCP metadata type" in bad.stderr and not marker.exists()
+
+
+def test_metadata_of_stock_and_sharded_checkpoints_loads_under_the_allowlist(tmp_path):
+    dcp.save(sample_state(), storage_writer=dcp.FileSystemWriter(tmp_path / "stock"), no_dist=True)
+    metadata = DataStatesReader(tmp_path / "stock").read_metadata()
+    with open(tmp_path / "stock" / ".metadata", "rb") as f:
+        assert pickle.load(f).state_dict_metadata.keys() == metadata.state_dict_metadata.keys()
