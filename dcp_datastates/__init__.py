@@ -18,6 +18,7 @@ from dcp_datastates.errors import (
     MissingKeysError,
     UnsafeCheckpointError,
 )
+from dcp_datastates.guard import install_optimizer_guard, wait_staged
 from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
 from dcp_datastates.reader import DataStatesReader
 from dcp_datastates.writer import DataStatesWriter
@@ -36,4 +37,6 @@ __all__ = [
     "IncompleteCheckpointError",
     "MissingKeysError",
     "UnsafeCheckpointError",
+    "install_optimizer_guard",
+    "wait_staged",
 ]

@@ -5,7 +5,8 @@
 Rows: the raw O_DIRECT ceiling of the disk (pwrite of pre-filled aligned buffers, no
 checkpoint logic), stock ``FileSystemWriter`` (8 threads), stock ``async_save`` with
 ``DefaultStager`` (time until the upload completes), and ``DataStatesWriter`` with each
-engine. Methods run round-robin (the order rotating each round), ``--repeats`` times, and each
+engine (and with checksums off, to show what they cost). A second table times
+``dcp-datastates verify`` against reading the same files with O_DIRECT. Methods run round-robin (the order rotating each round), ``--repeats`` times, and each
 row reports its median and range, so a disk whose speed drifts during the run (shared
 cloud disks do) affects every row alike. Every save includes its
 fsyncs. With ``--device cuda`` the state lives on the GPU (what training checkpoints).
@@ -85,6 +86,19 @@ def raw_o_direct(directory: Path, size_bytes: int, chunk: int = 32 * 1024**2) ->
     return elapsed
 
 
+def raw_o_direct_read(files: list[Path], chunk: int = 32 * 1024**2) -> float:
+    """The read ceiling: the same files read sequentially with O_DIRECT, nothing else done."""
+    buffer = mmap.mmap(-1, chunk)
+    start = time.perf_counter()
+    for path in files:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        offset = 0
+        while (got := os.preadv(fd, [buffer], offset)) > 0:
+            offset += got
+        os.close(fd)
+    return time.perf_counter() - start
+
+
 def timed(save: Callable[[Path], None], directory: Path) -> float:
     target = directory / "ckpt"
     start = time.perf_counter()
@@ -117,8 +131,8 @@ def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[li
         finally:
             stager.close()
 
-    def ours(engine: str) -> Callable[[Path], None]:
-        engine_config = config.model_copy(update={"io_engine": engine})
+    def ours(engine: str, checksums: bool = True) -> Callable[[Path], None]:
+        engine_config = config.model_copy(update={"io_engine": engine, "checksums": checksums})
 
         def save(path: Path) -> None:
             dcp.save(state, storage_writer=DataStatesWriter(path, engine_config), no_dist=True)
@@ -130,6 +144,7 @@ def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[li
         "stock FileSystemWriter (8 threads)": lambda d: timed(stock_fs, d),
         "stock async_save + DefaultStager": lambda d: timed(stock_async, d),
         "DataStatesWriter io_uring": lambda d: timed(ours("io_uring"), d),
+        "DataStatesWriter io_uring, no checksums": lambda d: timed(ours("io_uring", checksums=False), d),
         "DataStatesWriter threads": lambda d: timed(ours("threads"), d),
     }
     rows = {name: Row(name, []) for name in methods}
@@ -142,16 +157,52 @@ def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[li
     return list(rows.values()), total
 
 
+def run_verify(size_gib: float, directory: Path, repeats: int) -> tuple[list[Row], int]:
+    """Read side: `verify` (every byte checksummed) vs reading the same files with O_DIRECT."""
+    from dcp_datastates.verify import verify_checkpoint
+
+    state = make_state(int(size_gib * GiB), "cpu")
+    target = directory / "verify_ckpt"
+    dcp.save(state, storage_writer=DataStatesWriter(target), no_dist=True)
+    del state
+    files = sorted(p for p in target.iterdir() if p.suffix == ".distcp")
+    total = sum(p.stat().st_size for p in files)
+    rows = {"raw O_DIRECT read (ceiling)": Row("raw O_DIRECT read (ceiling)", []), "dcp-datastates verify": Row("dcp-datastates verify", [])}
+    verify_checkpoint(target)  # warm-up: numba kernels load once per process
+    for _ in range(repeats):
+        settle()
+        rows["raw O_DIRECT read (ceiling)"].seconds.append(raw_o_direct_read(files))
+        settle()
+        report = verify_checkpoint(target)
+        assert report.ok, report.problems
+        rows["dcp-datastates verify"].seconds.append(report.seconds)
+    shutil.rmtree(target)
+    return list(rows.values()), total
+
+
+def _row_cells(row: Row, total: int) -> str:
+    rate = total / row.median
+    spread = f"{total / max(row.seconds) / GiB:.2f}-{total / min(row.seconds) / GiB:.2f}"
+    return f"{row.name:<42}{row.median:>9.2f}{rate / GiB:>8.2f}{spread:>14}"
+
+
+def print_verify_table(rows: list[Row], total: int) -> None:
+    ceiling = total / rows[0].median
+    print(f"\nverify: {total / GiB:.2f} GiB of data files; median of {len(rows[0].seconds)} runs each, alternating")
+    print(f"{'method':<42}{'seconds':>9}{'GiB/s':>8}{'(range)':>14}{'of ceiling':>12}")
+    for row in rows:
+        print(f"{_row_cells(row, total)}{total / row.median / ceiling:>11.0%}")
+
+
 def print_table(rows: list[Row], total: int, device: str) -> None:
     by_name = {r.name: r for r in rows}
     ceiling = total / by_name["raw O_DIRECT (ceiling)"].median
     stock = total / by_name["stock FileSystemWriter (8 threads)"].median
     print(f"state: {total / GiB:.2f} GiB on {device}; median of {len(rows[0].seconds)} runs each, round-robin")
-    print(f"{'method':<38}{'seconds':>9}{'GiB/s':>8}{'(range)':>14}{'vs stock FS':>13}{'of ceiling':>12}")
+    print(f"{'method':<42}{'seconds':>9}{'GiB/s':>8}{'(range)':>14}{'vs stock FS':>13}{'of ceiling':>12}")
     for row in rows:
         rate = total / row.median
-        spread = f"{total / max(row.seconds) / GiB:.2f}-{total / min(row.seconds) / GiB:.2f}"
-        print(f"{row.name:<38}{row.median:>9.2f}{rate / GiB:>8.2f}{spread:>14}{rate / stock:>12.2f}x{rate / ceiling:>11.0%}")
+        print(f"{_row_cells(row, total)}{rate / stock:>12.2f}x{rate / ceiling:>11.0%}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -161,11 +212,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dir", type=Path, default=None, help="directory on the disk to measure (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--skip-verify", action="store_true", help="skip the read-side (verify) table")
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="dcp_datastates_bench_", dir=args.dir))
     try:
         rows, total = run(args.size_gib, directory, args.repeats, args.device)
         print_table(rows, total, args.device)
+        if not args.skip_verify:
+            verify_rows, verify_total = run_verify(args.size_gib, directory, args.repeats)
+            print_verify_table(verify_rows, verify_total)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -30,12 +30,19 @@ class ChunkedFileStream:
     """
 
     def __init__(
-        self, target: OpenedFile, engine: WriteEngine, pool: HostBufferPool, checksum_block_bytes: int | None = None
+        self,
+        target: OpenedFile,
+        engine: WriteEngine,
+        pool: HostBufferPool,
+        checksum_block_bytes: int | None = None,
+        copy_stream: "torch.cuda.Stream | None" = None,
     ) -> None:
         if checksum_block_bytes is not None and pool.chunk_bytes % checksum_block_bytes:
             raise ValueError(f"checksum block {checksum_block_bytes} does not divide chunk {pool.chunk_bytes}")
         self._checksum_block_bytes = checksum_block_bytes
         self.checksums: list[int] = []
+        self._copy_stream = copy_stream
+        self._device_copies_pending = False  # device-to-host copies queued into the current buffer
         self._target = target
         self._engine = engine
         self._pool = pool
@@ -70,15 +77,30 @@ class ChunkedFileStream:
             pos += n
 
     def write_tensor(self, flat_bytes: torch.Tensor) -> None:
-        """Append a flat uint8 tensor (host or device); device tensors are copied into the buffer."""
+        """Append a flat uint8 tensor; device tensors are copied asynchronously on the copy stream."""
+        on_device = flat_bytes.device.type == "cuda" and self._copy_stream is not None
+        if on_device:
+            # The copy runs on another stream: keep the allocator from reusing this memory until it is done.
+            flat_bytes.record_stream(self._copy_stream)
         total = flat_bytes.numel()
         pos = 0
         while pos < total:
             buffer = self._current()
             n = min(total - pos, self._pool.chunk_bytes - self._fill)
-            buffer.tensor[self._fill : self._fill + n].copy_(flat_bytes[pos : pos + n])
+            if on_device:
+                with torch.cuda.stream(self._copy_stream):
+                    buffer.tensor[self._fill : self._fill + n].copy_(flat_bytes[pos : pos + n], non_blocking=True)
+                self._device_copies_pending = True
+            else:
+                buffer.tensor[self._fill : self._fill + n].copy_(flat_bytes[pos : pos + n])
             self._advance(n)
             pos += n
+
+    def finish_copies(self) -> None:
+        """Wait until every byte appended so far has left its source (device copies included)."""
+        if self._device_copies_pending and self._copy_stream is not None:
+            self._copy_stream.synchronize()
+            self._device_copies_pending = False
 
     def _advance(self, n: int) -> None:
         self._fill += n
@@ -88,6 +110,7 @@ class ChunkedFileStream:
     def _submit(self, length: int) -> None:
         buffer = self._buffer
         assert buffer is not None
+        self.finish_copies()  # the engine and the checksum must see the copied bytes
         if self._checksum_block_bytes is not None:
             self.checksums += block_checksums(buffer.view[: self._fill], self._checksum_block_bytes)
         offset = self._buffer_offset

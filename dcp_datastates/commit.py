@@ -78,14 +78,11 @@ def commit_metadata(path: Path, metadata: Metadata, save_tag: str, fsync: bool) 
         fsync_directory(path)
 
 
-def remove_stale_files(path: Path, current_tag: str) -> list[str]:
-    """Delete data files of a replaced checkpoint and leftover temp metadata; never anything else.
-
-    Every file of the save just committed carries ``_<current_tag>_`` in its name.
-    """
+def remove_stale_files(path: Path, keep: set[str]) -> list[str]:
+    """Delete data files of a replaced checkpoint and leftover temp metadata; never anything else."""
     removed = []
     for entry in os.scandir(path):
-        if f"_{current_tag}_" in entry.name or not entry.is_file():
+        if entry.name in keep or not entry.is_file():
             continue
         if _DATA_FILE_RE.match(entry.name) or _TMP_METADATA_RE.match(entry.name):
             os.unlink(entry.path)

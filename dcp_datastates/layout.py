@@ -26,6 +26,7 @@ class TensorRecord:
 
 @dataclass(frozen=True)
 class RankLayout:
+    file_prefix: str  # "__<rank>_<save tag>_": unique to one save, shared by all its files
     tensor_file: str
     tensor_records: list[TensorRecord]
     tensor_file_bytes: int
@@ -45,6 +46,7 @@ def build_rank_layout(groups: ProviderGroups, file_prefix: str) -> RankLayout:
         records.append(TensorRecord(claimed.item, offset, framing))
         offset += framing.total_bytes
     return RankLayout(
+        file_prefix=file_prefix,
         tensor_file=f"{file_prefix}0{DATA_SUFFIX}",
         tensor_records=records,
         tensor_file_bytes=offset,

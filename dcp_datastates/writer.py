@@ -1,12 +1,14 @@
-"""``DataStatesWriter``: DCP ``StorageWriter`` for the DataStates-LLM write path.
+"""``DataStatesWriter``: DCP ``StorageWriter`` (and ``AsyncStager``) for the DataStates-LLM write path.
 
 Data flow of one save, per rank: **plan** (State Providers lay out every item at a
-fixed offset) -> **stage** (tensors stream through the reusable host buffer pool)
--> **write** (full buffers go to the io_uring or pwrite engine as large aligned
-writes, while Python objects are pickled to a side file on their own thread)
--> **commit** (coordinator writes ``.metadata`` atomically, see ``commit.py``).
+fixed offset) -> **stage** (a ``Snapshot`` streams tensors through the reusable host
+buffer pool, objects are pickled on the side) -> **write** (full buffers go to the
+io_uring or pwrite engine as large aligned writes) -> **commit** (the coordinator
+writes ``.metadata`` atomically, see ``commit.py``).
 
-The files are stock DCP files: ``FileSystemReader`` can load them.
+With ``dcp.async_save`` the stage starts in ``stage()``, before DCP even plans, so the
+copies and the disk run while training continues; with ``dcp.save`` it runs inside
+``write_data``. The files are stock DCP files: ``FileSystemReader`` can load them.
 """
 
 from __future__ import annotations
@@ -14,21 +16,22 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import _StorageInfo
-from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_datastates.buffer_pool import HostBufferPool
-from dcp_datastates.checksums import FileChecksums, checksum_file_name, checksums_of, write_checksum_file
-from dcp_datastates.chunk_stream import ChunkedFileStream
+from dcp_datastates.checksums import checksum_file_name
 from dcp_datastates.commit import (
     commit_metadata,
     has_complete_checkpoint,
@@ -37,10 +40,8 @@ from dcp_datastates.commit import (
 )
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.errors import CheckpointExistsError
-from dcp_datastates.framing import tensor_bytes_view
-from dcp_datastates.layout import RankLayout
-from dcp_datastates.native import WriteEngine, create_engine, open_for_write
-from dcp_datastates.planner import plan_layout
+from dcp_datastates.planner import DataStatesSavePlanner, plan_layout
+from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotResult
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,7 @@ def validate_directory_id(checkpoint_id: str | os.PathLike) -> bool:
     return any(p.exists() and os.access(p, os.W_OK) for p in Path(checkpoint_id).parents)
 
 
-class DataStatesWriter(StorageWriter):
+class DataStatesWriter(StorageWriter, AsyncStager):
     """Write DCP checkpoints through a pinned buffer pool and an io_uring/pwrite engine.
 
     Args:
@@ -89,6 +90,8 @@ class DataStatesWriter(StorageWriter):
         self.rank = 0
         self.is_coordinator = True
         self.last_stats = SaveStats()
+        self._snapshot: Snapshot | None = None
+        self._shipped_result: tuple[str, SnapshotResult] | None = None
 
     # -- StorageWriter: set-up and planning ------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -130,98 +133,98 @@ class DataStatesWriter(StorageWriter):
         tag = self.save_id[:8]
         return [_with_storage_data(plan, FilePrefix(f"__{rank}_{tag}_")) for rank, plan in enumerate(plans)]
 
+    # -- AsyncStager: the lazy snapshot ----------------------------------------------------------
+    @property
+    def should_synchronize_after_execute(self) -> bool:
+        return False
+
+    def synchronize_staging(self) -> None:
+        self.wait_staged()
+
+    def stage(self, state_dict: STATE_DICT_TYPE) -> ThreadFuture[STATE_DICT_TYPE]:
+        """Start this rank's snapshot now and return at once (``dcp.async_save`` calls this).
+
+        Copies begin immediately on a background thread (device tensors on a side CUDA
+        stream), streaming through the shared buffer pool to disk. The returned future --
+        ``AsyncSaveResponse.staging_completion`` -- resolves once every byte has been
+        copied out of the live state; until then the training loop must not mutate it
+        (``wait_staged`` / ``install_optimizer_guard`` block right before the optimizer step).
+        """
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.prepare_local_plan(SavePlan([]))  # fail now, in the caller, on a bad or occupied path
+        planner = DataStatesSavePlanner()
+        planner.set_up_planner(state_dict, storage_meta=None, is_coordinator=rank == 0)
+        items = planner.create_local_plan().items
+        layout = planner.plan_layout(items, f"__{rank}_{self.save_id[:8]}_")
+        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool()).start()
+        self._snapshot = snapshot
+        staged: ThreadFuture[STATE_DICT_TYPE] = ThreadFuture()
+
+        def on_staged(f: ThreadFuture[None]) -> None:
+            if f.exception() is not None:
+                staged.set_exception(f.exception())
+            else:
+                staged.set_result(state_dict)
+
+        snapshot.staged.add_done_callback(on_staged)
+        return staged
+
+    def wait_staged(self) -> None:
+        """Block until the pending snapshot no longer reads the live state (a no-op if none is)."""
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.staged.result()
+
+    def __getstate__(self) -> dict[str, Any]:
+        # AsyncCheckpointerType.PROCESS ships the writer to a daemon process: hand over the
+        # finished snapshot's record locations (plain data), never threads or buffers.
+        state = dict(self.__dict__)
+        snapshot = state.pop("_snapshot", None)
+        state["_shipped_result"] = None
+        if snapshot is not None:
+            state["_shipped_result"] = (str(snapshot.directory), snapshot.done.result())
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._snapshot = None
+
     # -- StorageWriter: the write step -------------------------------------------------------
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        prefix: FilePrefix = plan.storage_data
-        layout = plan_layout(planner, plan.items, prefix.prefix)
-        engine = create_engine(
-            self.config.io_engine, io_threads=self.config.io_threads, queue_depth=self.config.queue_depth
-        )
-        created: list[Path] = []
-        checksums: dict[str, FileChecksums] = {}
-        try:
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-datastates-objects") as objects_thread:
-                objects = objects_thread.submit(self._write_objects, layout, planner, created, checksums)
-                tensor_results = self._write_tensors(layout, planner, engine, created, checksums)
-                results = tensor_results + objects.result()
-            if self.config.checksums and checksums:
-                checksum_path = self.path / checksum_file_name(prefix.prefix)
-                created.append(checksum_path)
-                write_checksum_file(checksum_path, checksums, fsync=self.config.fsync)
-        except BaseException:
-            for path in created:  # a failed save leaves nothing behind that could be mistaken for data
-                path.unlink(missing_ok=True)
-            raise
-        finally:
-            engine.close()
-        self.last_stats.engine = engine.name
-        self.last_stats.files = tuple(p.name for p in created)
+        directory, result = self._finished_snapshot(plan, planner)
+        if directory != self.path:  # staged before DCP's reset(checkpoint_id) moved the target
+            for name in result.files:
+                os.replace(Path(directory) / name, self.path / name)
+        missing = [item.index.fqn for item in plan.items if item.index not in result.records]
+        if missing:
+            raise RuntimeError(
+                f"items {missing[:5]} were planned but not staged; the state dict changed between "
+                "async_save's staging and its save"
+            )
+        self.last_stats = SaveStats(result.engine, result.tensor_bytes, result.tensor_writes, result.object_bytes, tuple(result.files))
+        results = [_write_result(item, result.records[item.index]) for item in plan.items]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
 
+    def _finished_snapshot(self, plan: SavePlan, planner: SavePlanner) -> tuple[Path, SnapshotResult]:
+        """The snapshot ``stage`` started, or -- for ``dcp.save`` -- one run right here."""
+        if self._snapshot is not None:
+            snapshot, self._snapshot = self._snapshot, None
+            return snapshot.directory, snapshot.done.result()
+        if self._shipped_result is not None:
+            directory, shipped = self._shipped_result
+            self._shipped_result = None
+            return Path(directory), shipped
+        prefix: FilePrefix = plan.storage_data
+        layout = plan_layout(planner, plan.items, prefix.prefix)
+        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool())
+        snapshot.run()
+        return self.path, snapshot.done.result()
+
     def _pool(self) -> HostBufferPool:
         pin = torch.cuda.is_available()
         return HostBufferPool.shared(self.config.chunk_bytes, self.config.pool_buffers, pin)
-
-    def _write_tensors(
-        self,
-        layout: RankLayout,
-        planner: SavePlanner,
-        engine: WriteEngine,
-        created: list[Path],
-        checksums: dict[str, FileChecksums],
-    ) -> list[WriteResult]:
-        if not layout.tensor_records:
-            return []
-        path = self.path / layout.tensor_file
-        target = open_for_write(str(path), self.config.direct_io)
-        created.append(path)
-        block_bytes = self.config.checksum_block_bytes
-        stream = ChunkedFileStream(target, engine, self._pool(), block_bytes if self.config.checksums else None)
-        results = []
-        try:
-            for record in layout.tensor_records:
-                assert stream.position == record.offset
-                tensor = planner.resolve_data(record.item)
-                _check_tensor_matches(record.item, tensor)
-                stream.write_bytes(record.framing.prefix)
-                stream.write_tensor(tensor_bytes_view(tensor))
-                stream.write_bytes(record.framing.suffix)
-                results.append(_write_result(record.item, layout.tensor_file, record.offset, record.framing.total_bytes))
-        except BaseException:
-            stream.abort()
-            raise
-        size = stream.close(fsync=self.config.fsync)
-        if size != layout.tensor_file_bytes:
-            raise RuntimeError(f"wrote {size} bytes to {path}, layout planned {layout.tensor_file_bytes}")
-        self.last_stats.tensor_bytes = size
-        self.last_stats.tensor_writes = stream.writes_submitted
-        checksums[layout.tensor_file] = FileChecksums(size, block_bytes, tuple(stream.checksums))
-        return results
-
-    def _write_objects(
-        self, layout: RankLayout, planner: SavePlanner, created: list[Path], checksums: dict[str, FileChecksums]
-    ) -> list[WriteResult]:
-        """Pickle non-tensor state into the rank's object file; runs beside the tensor stream."""
-        if not layout.object_items:
-            return []
-        contents = bytearray()
-        results = []
-        for item in layout.object_items:
-            payload = planner.resolve_data(item).getbuffer()
-            results.append(_write_result(item, layout.object_file, len(contents), len(payload)))
-            contents += payload
-        path = self.path / layout.object_file
-        created.append(path)
-        with open(path, "wb") as f:
-            f.write(contents)
-            f.flush()
-            if self.config.fsync:
-                os.fsync(f.fileno())
-        self.last_stats.object_bytes = len(contents)
-        checksums[layout.object_file] = checksums_of(contents, self.config.checksum_block_bytes)
-        return results
 
     # -- StorageWriter: the commit step ------------------------------------------------------
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -230,26 +233,20 @@ class DataStatesWriter(StorageWriter):
         metadata.storage_meta = self.storage_meta()
         metadata.version = "1.0.0"
         commit_metadata(self.path, metadata, self.save_id[:8], fsync=self.config.fsync)
-        remove_stale_files(self.path, current_tag=self.save_id[:8])
+        referenced = {info.relative_path for info in storage_data.values()}
+        remove_stale_files(self.path, keep=referenced | {checksum_file_name(_prefix_of(name)) for name in referenced})
 
 
 def _with_storage_data(plan: SavePlan, storage_data: Any) -> SavePlan:
     return dataclasses.replace(plan, storage_data=storage_data)
 
 
-def _write_result(item: WriteItem, relative_path: str, offset: int, length: int) -> WriteResult:
-    return WriteResult(index=item.index, size_in_bytes=length, storage_data=_StorageInfo(relative_path, offset, length))
+def _write_result(item: WriteItem, where: RecordLocation) -> WriteResult:
+    return WriteResult(
+        index=item.index, size_in_bytes=where.length, storage_data=_StorageInfo(where.relative_path, where.offset, where.length)
+    )
 
 
-def _check_tensor_matches(item: WriteItem, tensor: Any) -> None:
-    data = item.tensor_data
-    assert data is not None
-    expected = tuple(data.chunk.sizes)
-    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected:
-        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-        raise ValueError(
-            f"{item.index.fqn!r}: planner resolved {shape}, but the plan expects shape {expected}; "
-            "was the state dict changed between planning and writing?"
-        )
-    if tensor.dtype != data.properties.dtype:
-        raise ValueError(f"{item.index.fqn!r}: planner resolved {tensor.dtype}, plan expects {data.properties.dtype}")
+def _prefix_of(file_name: str) -> str:
+    """``__0_ab12cd34_0.distcp`` -> ``__0_ab12cd34_`` (the save's per-rank file prefix)."""
+    return file_name[: file_name.rindex("_") + 1]

@@ -21,7 +21,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
 
-from dcp_datastates import DataStatesConfig, DataStatesReader, DataStatesWriter
+from dcp_datastates import DataStatesConfig, DataStatesReader, DataStatesWriter, install_optimizer_guard
 from dcp_datastates.resume import latest_complete_checkpoint
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -74,18 +74,20 @@ def main() -> None:
     shutil.rmtree(args.dir, ignore_errors=True)
     config = DataStatesConfig(chunk_bytes="1MiB", host_pool_bytes="8MiB")
 
-    # Phase 1: train, checkpointing asynchronously.
+    # Phase 1: train, checkpointing asynchronously. The guard makes optimizer.step() wait for the
+    # snapshot's copies (if they are still running); forward and backward never wait.
     ts, pending, snapshots, losses = TrainState(), None, {}, {}
+    install_optimizer_guard(ts.optimizer)
     while ts.step < args.steps:
         step = ts.step
         losses[step] = train_step(ts)
         if ts.step % args.every == 0:
             if pending is not None:
-                pending.result()  # at most one save in flight
+                pending.upload_completion.result()  # at most one save in flight
             snapshots[ts.step] = copy.deepcopy(ts.model.state_dict())
             pending = dcp.async_save({"train": ts}, storage_writer=DataStatesWriter(args.dir / f"step-{ts.step}", config), no_dist=True)
             print(f"step {ts.step:3d}  loss {losses[step]:.5f}  checkpoint started (async)")
-    pending.result()
+    pending.upload_completion.result()
 
     # Phase 2: a fresh process state resumes from the latest complete checkpoint.
     latest = latest_complete_checkpoint(args.dir)

@@ -54,8 +54,10 @@ def test_our_files_hold_torch_save_records_byte_for_byte(tmp_path, make_writer):
 def test_async_save_thread_mode(tmp_path, make_writer):
     state = sample_state()
     expected = copy.deepcopy(state)
-    future = dcp.async_save(state, storage_writer=make_writer(tmp_path / "a"), no_dist=True)
-    future.result()
+    response = dcp.async_save(state, storage_writer=make_writer(tmp_path / "a"), no_dist=True)
+    assert isinstance(response, AsyncSaveResponse)  # the writer stages lazily: two honest futures
+    response.staging_completion.result()
+    response.upload_completion.result()
     assert_state_equal(load_with(DataStatesReader(tmp_path / "a"), expected), expected)
 
 

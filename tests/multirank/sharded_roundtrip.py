@@ -56,12 +56,12 @@ def main() -> None:
         state = shard_as(full, save_layout) | {"scalar": full["scalar"].clone()} | objects()
         small = DataStatesConfig(io_engine="threads", chunk_bytes=4096, host_pool_bytes=4 * 4096)
         dcp.save(state, storage_writer=DataStatesWriter(os.path.join(directory, "sync"), small), planner=DataStatesSavePlanner())
-        dcp.async_save(state, storage_writer=DataStatesWriter(os.path.join(directory, "async_thread"))).result()
+        dcp.async_save(state, storage_writer=DataStatesWriter(os.path.join(directory, "async_thread"))).upload_completion.result()
         dcp.async_save(
             state,
             storage_writer=DataStatesWriter(os.path.join(directory, "async_process"), DataStatesConfig(io_engine="io_uring")),
             async_checkpointer_type=AsyncCheckpointerType.PROCESS,
-        ).result()
+        ).upload_completion.result()
         for name in ("sync", "async_thread", "async_process"):
             target = shard_as({k: torch.zeros_like(v) for k, v in full.items()}, load_layout)
             target |= {"scalar": torch.zeros(())} | object_placeholders()

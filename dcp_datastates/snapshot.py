@@ -1,0 +1,213 @@
+"""A rank's snapshot: its state copied out of the live tensors and on to disk (stage -> write).
+
+A snapshot runs on its own thread. It pickles the Python objects first (small, and
+they may change the moment training resumes), then streams every tensor record in
+layout order through the shared pool buffers into the write engine. Two futures tell
+the caller what it needs to know:
+
+* ``staged`` -- every byte has been copied out of the live state: from now on the
+  training loop may mutate parameters and optimizer state (DataStates' lazy snapshot:
+  training waits for this only right before the optimizer step).
+* ``done`` -- every file is written and fsynced, with the location of each record.
+
+Device tensors are copied on a dedicated CUDA stream into pinned pool buffers; a
+buffer is handed to the engine once its copies have finished (an event per buffer),
+so the disk starts on the first region while later regions are still being copied.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import MetadataIndex
+from torch.distributed.checkpoint.planner import WriteItem
+
+from dcp_datastates.buffer_pool import HostBufferPool
+from dcp_datastates.checksums import FileChecksums, checksum_file_name, checksums_of, write_checksum_file
+from dcp_datastates.chunk_stream import ChunkedFileStream
+from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.framing import tensor_bytes_view
+from dcp_datastates.layout import RankLayout
+from dcp_datastates.native import create_engine, open_for_write
+
+Resolver = Callable[[WriteItem], "torch.Tensor | io.BytesIO"]
+
+_in_flight: set["Snapshot"] = set()
+_in_flight_lock = threading.Lock()
+
+
+def wait_all_staged() -> None:
+    """Wait until no snapshot of this process still reads live state (errors surface on ``done``)."""
+    with _in_flight_lock:
+        pending = list(_in_flight)
+    for snapshot in pending:
+        exception = snapshot.staged.exception()  # waits; the save's own future reports failures
+        del exception
+
+
+@dataclass(frozen=True)
+class RecordLocation:
+    relative_path: str
+    offset: int
+    length: int
+
+
+@dataclass
+class SnapshotResult:
+    records: dict[MetadataIndex, RecordLocation] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+    engine: str = ""
+    tensor_bytes: int = 0
+    tensor_writes: int = 0
+    object_bytes: int = 0
+
+
+class Snapshot:
+    def __init__(
+        self, directory: Path, layout: RankLayout, resolve: Resolver, config: DataStatesConfig, pool: HostBufferPool
+    ) -> None:
+        self.directory = directory
+        self.layout = layout
+        self._resolve = resolve
+        self._config = config
+        self._pool = pool
+        self.staged: Future[None] = Future()
+        self.done: Future[SnapshotResult] = Future()
+        self._created: list[Path] = []
+        self._objects_pickled = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stream_ready = torch.cuda.Event() if torch.cuda.is_available() else None
+        if self._stream_ready is not None:
+            # Copies must see every kernel the training stream queued before the save started.
+            self._stream_ready.record(torch.cuda.current_stream())
+
+    # -- running ------------------------------------------------------------------------------
+    def start(self) -> "Snapshot":
+        with _in_flight_lock:
+            _in_flight.add(self)
+        self.staged.add_done_callback(lambda _: self._leave_in_flight())
+        self._thread = threading.Thread(target=self.run, name="dcp-datastates-snapshot", daemon=True)
+        self._thread.start()
+        return self
+
+    def _leave_in_flight(self) -> None:
+        with _in_flight_lock:
+            _in_flight.discard(self)
+
+    def run(self) -> None:
+        """Write everything; on failure remove what was written and fail both futures."""
+        result = SnapshotResult()
+        checksums: dict[str, FileChecksums] = {}
+        try:
+            # Objects are pickled on their own thread while the tensor bytes stream.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-datastates-objects") as objects_thread:
+                objects = objects_thread.submit(self._write_objects, result, checksums)
+                try:
+                    self._write_tensors(result, checksums)
+                finally:
+                    self._objects_pickled.set()  # never leave the tensor side waiting on a failed pickle
+                objects.result()
+            if not self.staged.done():
+                self.staged.set_result(None)
+            if self._config.checksums and checksums:
+                name = checksum_file_name(self.layout.file_prefix)
+                self._created.append(self.directory / name)
+                write_checksum_file(self.directory / name, checksums, fsync=self._config.fsync)
+            result.files = [p.name for p in self._created]
+        except BaseException as exc:  # noqa: BLE001 - delivered through the futures
+            self.discard()
+            if not self.staged.done():
+                self.staged.set_exception(exc)
+            self.done.set_exception(exc)
+            return
+        self.done.set_result(result)
+
+    def discard(self) -> None:
+        """Remove this snapshot's files: a failed save leaves nothing that could pass for data."""
+        for path in self._created:
+            path.unlink(missing_ok=True)
+
+    # -- objects ------------------------------------------------------------------------------
+    def _write_objects(self, result: SnapshotResult, checksums: dict[str, FileChecksums]) -> None:
+        contents = bytearray()
+        try:
+            for item in self.layout.object_items:
+                payload = self._resolve(item).getbuffer()  # type: ignore[union-attr]
+                result.records[item.index] = RecordLocation(self.layout.object_file, len(contents), len(payload))
+                contents += payload
+        finally:
+            self._objects_pickled.set()  # the live objects are no longer read
+        if not self.layout.object_items:
+            return
+        path = self.directory / self.layout.object_file
+        self._created.append(path)
+        with open(path, "wb") as f:
+            f.write(contents)
+            f.flush()
+            if self._config.fsync:
+                os.fsync(f.fileno())
+        result.object_bytes = len(contents)
+        checksums[self.layout.object_file] = checksums_of(contents, self._config.checksum_block_bytes)
+
+    # -- tensors ------------------------------------------------------------------------------
+    def _write_tensors(self, result: SnapshotResult, checksums: dict[str, FileChecksums]) -> None:
+        if not self.layout.tensor_records:
+            return
+        engine = create_engine(self._config.io_engine, io_threads=self._config.io_threads, queue_depth=self._config.queue_depth)
+        result.engine = engine.name
+        try:
+            path = self.directory / self.layout.tensor_file
+            target = open_for_write(str(path), self._config.direct_io)
+            self._created.append(path)
+            block_bytes = self._config.checksum_block_bytes
+            copy_stream = torch.cuda.Stream() if self._stream_ready is not None else None
+            if copy_stream is not None:
+                copy_stream.wait_event(self._stream_ready)
+            stream = ChunkedFileStream(
+                target, engine, self._pool, block_bytes if self._config.checksums else None, copy_stream
+            )
+            try:
+                for record in self.layout.tensor_records:
+                    tensor = self._resolve(record.item)
+                    _check_tensor_matches(record.item, tensor)
+                    stream.write_bytes(record.framing.prefix)
+                    stream.write_tensor(tensor_bytes_view(tensor))  # type: ignore[arg-type]
+                    stream.write_bytes(record.framing.suffix)
+                    result.records[record.item.index] = RecordLocation(
+                        self.layout.tensor_file, record.offset, record.framing.total_bytes
+                    )
+                stream.finish_copies()
+            except BaseException:
+                stream.abort()
+                raise
+            self._objects_pickled.wait()
+            self.staged.set_result(None)  # nothing is read from the live state after this point
+            size = stream.close(fsync=self._config.fsync)
+        finally:
+            engine.close()
+        if size != self.layout.tensor_file_bytes:
+            raise RuntimeError(f"wrote {size} bytes to {path}, layout planned {self.layout.tensor_file_bytes}")
+        result.tensor_bytes = size
+        result.tensor_writes = stream.writes_submitted
+        checksums[self.layout.tensor_file] = FileChecksums(size, block_bytes, tuple(stream.checksums))
+
+
+def _check_tensor_matches(item: WriteItem, tensor: object) -> None:
+    data = item.tensor_data
+    assert data is not None
+    expected = tuple(data.chunk.sizes)
+    if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(
+            f"{item.index.fqn!r}: planner resolved {shape}, but the plan expects shape {expected}; "
+            "was the state dict changed between planning and writing?"
+        )
+    if tensor.dtype != data.properties.dtype:
+        raise ValueError(f"{item.index.fqn!r}: planner resolved {tensor.dtype}, plan expects {data.properties.dtype}")
