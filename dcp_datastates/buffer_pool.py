@@ -68,6 +68,11 @@ class HostBufferPool:
             return pool
 
     @property
+    def in_use(self) -> int:
+        """Buffers currently held by a save (0 when none is running: nothing leaks)."""
+        return self._in_use
+
+    @property
     def nbytes(self) -> int:
         return self.chunk_bytes * self.count
 

@@ -104,7 +104,19 @@ class DataStatesReader(StorageReader):
         if metadata.storage_data is None:
             raise IncompleteCheckpointError(f"{self.path / METADATA_FILE} has no storage_data: not a file-system checkpoint")
         self.storage_data = metadata.storage_data
+        self._check_metadata_matches_files()
         self.checksums = load_checksums(self.path) if self.verify_checksums else {}
+
+    def _check_metadata_matches_files(self) -> None:
+        """A ``.metadata`` copied from another checkpoint references files this directory lacks."""
+        referenced = {info.relative_path for info in self.storage_data.values()}
+        present = {p.name for p in self.path.iterdir() if p.name.endswith(".distcp")}
+        if referenced and present and not referenced & present:
+            raise IncompleteCheckpointError(
+                f"{self.path / METADATA_FILE} does not belong to the data files in {str(self.path)!r}: it references "
+                f"{sorted(referenced)[:3]}, the directory holds {sorted(present)[:3]}. Was .metadata copied from "
+                "another checkpoint? Restore the matching .metadata or load the checkpoint it came from."
+            )
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from dcp_datastates.native.engine import (
     MAX_RETRIES,
@@ -24,6 +24,25 @@ from dcp_datastates.native.engine import (
 )
 
 _WAKE_UP = 0  # user_data reserved for "no request": never assigned to a write
+
+# The binding resolves its attributes lazily (dynamic-import), which is not thread-safe:
+# two snapshots starting at once could see a half-initialised module. Load it once, locked.
+_binding_lock = threading.Lock()
+_binding: Any = None
+
+
+def _load_binding() -> Any:
+    global _binding
+    with _binding_lock:
+        if _binding is None:
+            import liburing
+
+            for name in ("io_uring", "io_uring_cqe", "io_uring_queue_init", "io_uring_register_eventfd",
+                         "io_uring_get_sqe", "io_uring_prep_write", "io_uring_submit", "io_uring_peek_cqe",
+                         "io_uring_cqe_seen", "io_uring_queue_exit"):
+                getattr(liburing, name)  # resolve every lazy attribute while holding the lock
+            _binding = liburing
+        return _binding
 
 
 @dataclass
@@ -38,7 +57,7 @@ class IoUringWriteEngine(WriteEngine):
 
     def __init__(self, queue_depth: int) -> None:
         try:
-            import liburing
+            liburing = _load_binding()
         except Exception as exc:  # ImportError, or an "Illegal instruction"-free failure to load
             raise EngineUnavailable(f"the liburing binding cannot be imported ({exc})") from exc
         self._lib = liburing
