@@ -56,3 +56,9 @@ def test_one_rank_save_then_two_ranks_load_sharded(tmp_path):
     dcp.save(state, storage_writer=DataStatesWriter(tmp_path / "c", small_config("io_uring")), no_dist=True)
     out = torchrun("load-sharded", str(tmp_path / "c"))
     assert "rank 0: 1->2 OK" in out and "rank 1: 1->2 OK" in out
+
+
+def test_random_dtensor_shardings_round_trip(tmp_path):
+    """20 seeded random states: random shapes and dtypes, random placements on 1-D and 2-D meshes."""
+    out = torchrun("random-shardings", str(tmp_path))
+    assert "rank 0: random shardings OK (20 states)" in out and "rank 1: random shardings OK (20 states)" in out

@@ -37,6 +37,40 @@ def check(loaded: dict, what: str) -> None:
     print(f"rank {dist.get_rank()}: {what} OK", flush=True)
 
 
+def random_shardings(directory: str, *meshes) -> int:
+    """Seeded (same on every rank) random states, saved with one random sharding, loaded with another."""
+    import random
+
+    dtypes = [torch.float32, torch.bfloat16, torch.int64, torch.float64, torch.int8, torch.bool]
+    for case in range(20):
+        rng = random.Random(case)
+
+        def placements_for(mesh, ndim):
+            options = [Replicate()] + [Shard(d) for d in range(ndim)]
+            return [rng.choice(options) for _ in range(mesh.ndim)]
+
+        full, save_layout, load_layout = {}, {}, {}
+        for k in range(rng.randint(1, 4)):
+            ndim = rng.randint(1, 3)
+            shape = tuple(rng.randint(1, 9) for _ in range(ndim))
+            dtype = rng.choice(dtypes)
+            g = torch.Generator().manual_seed(case * 100 + k)
+            full[f"t{k}"] = (torch.randn(shape, generator=g) * 50).to(dtype)
+            save_mesh, load_mesh = rng.choice(meshes), rng.choice(meshes)
+            save_layout[f"t{k}"] = (save_mesh, placements_for(save_mesh, ndim))
+            load_layout[f"t{k}"] = (load_mesh, placements_for(load_mesh, ndim))
+        path = os.path.join(directory, f"random{case}")
+        config = DataStatesConfig(io_engine=rng.choice(["threads", "io_uring"]), chunk_bytes=4096, host_pool_bytes=3 * 4096)
+        dcp.save(shard_as(full, save_layout) | {"case": case}, storage_writer=DataStatesWriter(path, config))
+        target = shard_as({k: torch.zeros_like(v) for k, v in full.items()}, load_layout) | {"case": -1}
+        dcp.load(target, storage_reader=DataStatesReader(path))
+        assert target["case"] == case
+        for key, value in full.items():
+            got = target[key].full_tensor()
+            assert got.dtype == value.dtype and torch.equal(got, value), (case, key, save_layout[key][1], load_layout[key][1])
+    return 20
+
+
 def main() -> None:
     mode, directory = sys.argv[1], sys.argv[2]
     dist.init_process_group("gloo")
@@ -67,6 +101,9 @@ def main() -> None:
             target |= {"scalar": torch.zeros(())} | object_placeholders()
             dcp.load(target, storage_reader=DataStatesReader(os.path.join(directory, name)), planner=DataStatesLoadPlanner())
             check(target, f"{name} resharded 2->2")
+    elif mode == "random-shardings":
+        count = random_shardings(directory, mesh_1d, mesh_a, mesh_b)
+        print(f"rank {dist.get_rank()}: random shardings OK ({count} states)", flush=True)
     elif mode == "load-sharded":
         layout = {k: (mesh_1d, [Shard(0)]) for k in ("f32", "bf16", "i64")} | {"grid_a": (mesh_a, [Shard(1), Shard(0)]), "grid_b": (mesh_b, [Replicate(), Shard(1)])}
         target = shard_as({k: torch.zeros_like(v) for k, v in full.items()}, layout) | {"scalar": torch.zeros(())} | object_placeholders()
