@@ -27,6 +27,7 @@ from torch.futures import Future
 
 from dcp_datastates.checksums import FileChecksums, load_checksums
 from dcp_datastates.commit import METADATA_FILE
+from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import (
     CheckpointIOError,
     CheckpointPathError,
@@ -34,7 +35,6 @@ from dcp_datastates.errors import (
     IncompleteCheckpointError,
 )
 from dcp_datastates.safe_pickle import check_object_record, load_metadata
-from dcp_datastates.writer import validate_directory_id
 
 #: Largest read issued at once; records are gathered up to this size per read.
 READ_WINDOW_BYTES = 64 * 1024**2
@@ -47,7 +47,7 @@ class _Window:
     items: list[ReadItem]
 
 
-class DataStatesReader(StorageReader):
+class DataStatesReader(DirectoryCheckpointId, StorageReader):
     """Load a DCP checkpoint directory (written by ``DataStatesWriter`` or ``FileSystemWriter``).
 
     Args:
@@ -71,14 +71,6 @@ class DataStatesReader(StorageReader):
             self.path = Path(checkpoint_id)
         self.storage_data = {}
         self.checksums = {}
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return validate_directory_id(checkpoint_id)
-
-    @property
-    def checkpoint_id(self) -> Path:
-        return self.path
 
     # -- read plan ---------------------------------------------------------------------------
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:

@@ -39,6 +39,7 @@ from dcp_datastates.commit import (
     remove_stale_files,
 )
 from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import CheckpointExistsError
 from dcp_datastates.planner import DataStatesSavePlanner, plan_layout
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotResult
@@ -62,16 +63,7 @@ class SaveStats:
     files: tuple[str, ...] = ()
 
 
-def validate_directory_id(checkpoint_id: str | os.PathLike) -> bool:
-    """A local path whose nearest existing ancestor is writable (same rule as stock DCP)."""
-    if isinstance(checkpoint_id, Path):
-        return True
-    if "://" in str(checkpoint_id):
-        return False
-    return any(p.exists() and os.access(p, os.W_OK) for p in Path(checkpoint_id).parents)
-
-
-class DataStatesWriter(StorageWriter, AsyncStager):
+class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
     """Write DCP checkpoints through a pinned buffer pool and an io_uring/pwrite engine.
 
     Args:
@@ -110,14 +102,6 @@ class DataStatesWriter(StorageWriter, AsyncStager):
 
     def storage_meta(self) -> StorageMeta | None:
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
-
-    @classmethod
-    def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike) -> bool:
-        return validate_directory_id(checkpoint_id)
-
-    @property
-    def checkpoint_id(self) -> Path:
-        return self.path
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         prepare_directory(self.path)

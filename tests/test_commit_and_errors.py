@@ -10,9 +10,8 @@ import torch.distributed.checkpoint as dcp
 from pydantic import ValidationError
 from torch.distributed.checkpoint.api import CheckpointException
 
-from conftest import sample_state, zeros_like_state
+from conftest import zeros_like_state
 from dcp_datastates import (
-    CheckpointExistsError,
     CheckpointIOError,
     CheckpointPathError,
     DataStatesConfig,

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import ENGINES, small_config
+from conftest import ENGINES
 from dcp_datastates import DataStatesConfig, DataStatesWriter
 from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.chunk_stream import ChunkedFileStream
