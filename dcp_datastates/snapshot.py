@@ -61,6 +61,8 @@ class RecordLocation:
 
 @dataclass
 class SnapshotResult:
+    """Where each record went, and what the snapshot did (for tests, benchmarks and logs)."""
+
     records: dict[MetadataIndex, RecordLocation] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
     engine: str = ""

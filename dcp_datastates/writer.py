@@ -52,17 +52,6 @@ class FilePrefix:
     prefix: str
 
 
-@dataclass
-class SaveStats:
-    """What the last ``write_data`` on this rank did (for tests, benchmarks and logs)."""
-
-    engine: str = ""
-    tensor_bytes: int = 0
-    tensor_writes: int = 0
-    object_bytes: int = 0
-    files: tuple[str, ...] = ()
-
-
 class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
     """Write DCP checkpoints through a pinned buffer pool and an io_uring/pwrite engine.
 
@@ -81,7 +70,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self.save_id = uuid.uuid4().hex
         self.rank = 0
         self.is_coordinator = True
-        self.last_stats = SaveStats()
+        self.last_stats: SnapshotResult | None = None  # what the last save on this rank did
         self._snapshot: Snapshot | None = None
         self._shipped_result: tuple[str, SnapshotResult] | None = None
 
@@ -115,7 +104,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         tag = self.save_id[:8]
-        return [_with_storage_data(plan, FilePrefix(f"__{rank}_{tag}_")) for rank, plan in enumerate(plans)]
+        return [dataclasses.replace(plan, storage_data=FilePrefix(f"__{rank}_{tag}_")) for rank, plan in enumerate(plans)]
 
     # -- AsyncStager: the lazy snapshot ----------------------------------------------------------
     @property
@@ -185,7 +174,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 f"items {missing[:5]} were planned but not staged; the state dict changed between "
                 "async_save's staging and its save"
             )
-        self.last_stats = SaveStats(result.engine, result.tensor_bytes, result.tensor_writes, result.object_bytes, tuple(result.files))
+        self.last_stats = result
         results = [_write_result(item, result.records[item.index]) for item in plan.items]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
@@ -219,10 +208,6 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         commit_metadata(self.path, metadata, self.save_id[:8], fsync=self.config.fsync)
         referenced = {info.relative_path for info in storage_data.values()}
         remove_stale_files(self.path, keep=referenced | {checksum_file_name(_prefix_of(name)) for name in referenced})
-
-
-def _with_storage_data(plan: SavePlan, storage_data: Any) -> SavePlan:
-    return dataclasses.replace(plan, storage_data=storage_data)
 
 
 def _write_result(item: WriteItem, where: RecordLocation) -> WriteResult:
