@@ -15,6 +15,7 @@ fsyncs. With ``--device cuda`` the state lives on the GPU (what training checkpo
 from __future__ import annotations
 
 import argparse
+import json
 import mmap
 import os
 import shutil
@@ -192,6 +193,11 @@ def _row_cells(row: Row, total: int) -> str:
     return f"{row.name:<42}{row.median:>9.2f}{rate / GiB:>8.2f}{spread:>14}"
 
 
+def as_json(rows: list[Row], total: int) -> dict:
+    return {"bytes": total, "rows": [{"method": r.name, "seconds": r.seconds, "median_seconds": r.median,
+                                       "median_gib_per_s": total / r.median / GiB} for r in rows]}
+
+
 def print_verify_table(rows: list[Row], total: int) -> None:
     ceiling = total / rows[0].median
     print(f"\nverify: {total / GiB:.2f} GiB of data files; median of {len(rows[0].seconds)} runs each, alternating")
@@ -219,14 +225,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-verify", action="store_true", help="skip the read-side (verify) table")
+    parser.add_argument("--json", action="store_true", help="print the measurements as JSON instead of tables")
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="dcp_datastates_bench_", dir=args.dir))
     try:
         rows, total = run(args.size_gib, directory, args.repeats, args.device)
-        print_table(rows, total, args.device)
+        report = {"device": args.device, "save": as_json(rows, total)}
+        if not args.json:
+            print_table(rows, total, args.device)
         if not args.skip_verify:
             verify_rows, verify_total = run_verify(args.size_gib, directory, args.repeats)
-            print_verify_table(verify_rows, verify_total)
+            report["verify"] = as_json(verify_rows, verify_total)
+            if not args.json:
+                print_verify_table(verify_rows, verify_total)
+        if args.json:
+            print(json.dumps(report, indent=2))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

@@ -187,3 +187,14 @@ def test_metadata_of_stock_and_sharded_checkpoints_loads_under_the_allowlist(tmp
     metadata = DataStatesReader(tmp_path / "stock").read_metadata()
     with open(tmp_path / "stock" / ".metadata", "rb") as f:
         assert pickle.load(f).state_dict_metadata.keys() == metadata.state_dict_metadata.keys()
+
+
+def test_cli_bench_json_runs_every_method_side_by_side(tmp_path):
+    done = run_cli("bench", "--size-gib", "0.07", "--repeats", "1", "--dir", str(tmp_path), "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    methods = [row["method"] for row in report["save"]["rows"]]
+    assert methods[0].startswith("raw O_DIRECT") and "stock FileSystemWriter (8 threads)" in methods
+    assert "DataStatesWriter io_uring" in methods and "DataStatesWriter threads" in methods
+    assert all(row["median_gib_per_s"] > 0 for row in report["save"]["rows"] + report["verify"]["rows"])
+    assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
