@@ -123,6 +123,12 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         copied out of the live state; until then the training loop must not mutate it
         (``wait_staged`` / ``install_optimizer_guard`` block right before the optimizer step).
         """
+        if self._snapshot is not None:
+            raise RuntimeError(
+                "this DataStatesWriter is still in use by an async save that has not reached write_data; "
+                "create one DataStatesWriter per checkpoint (cheap: the buffer pool is shared) or wait for "
+                "the previous save's upload_completion before reusing it"
+            )
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.prepare_local_plan(SavePlan([]))  # fail now, in the caller, on a bad or occupied path
         planner = DataStatesSavePlanner()

@@ -118,3 +118,11 @@ def test_forward_and_backward_never_wait_only_the_optimizer_step_does(tmp_path, 
     optimizer.step()  # the guard blocks here until the copies are done
     assert response.staging_completion.done()
     response.upload_completion.result()
+
+
+def test_one_writer_cannot_serve_two_saves_in_flight(tmp_path, slow_disk):
+    writer = DataStatesWriter(tmp_path / "c", small_config("threads"))
+    writer.stage({"w": torch.randn(20_000)})  # as async_save would, without the save that consumes it
+    with pytest.raises(RuntimeError, match="one DataStatesWriter per checkpoint"):
+        writer.stage({"w": torch.randn(20_000)})
+    writer._snapshot.done.result()  # let the background snapshot finish before tmp_path goes away
