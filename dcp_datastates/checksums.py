@@ -35,6 +35,11 @@ class FileChecksums:
         ]
 
 
+def keys_overlapping(records: list[tuple[int, int, str]], start: int, end: int) -> list[str]:
+    """Keys of the ``(offset, length, key)`` records with a byte in ``[start, end)``: who a bad block hurts."""
+    return sorted({key for offset, length, key in records if offset < end and offset + length > start})
+
+
 def checksum_file_name(file_prefix: str) -> str:
     return f"{file_prefix}{CHECKSUM_FILE_SUFFIX}"
 

@@ -25,7 +25,7 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from dcp_datastates.checksums import FileChecksums, load_checksums
+from dcp_datastates.checksums import FileChecksums, keys_overlapping, load_checksums
 from dcp_datastates.commit import METADATA_FILE
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import (
@@ -184,12 +184,9 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             return
         bad = bad_blocks[0]
         block_start, block_end = bad * checksums.block_bytes, (bad + 1) * checksums.block_bytes
-        keys = [
-            it.storage_index.fqn
-            for it in window.items
-            if self.storage_data[it.storage_index].offset < block_end
-            and self.storage_data[it.storage_index].offset + self.storage_data[it.storage_index].length > block_start
-        ]
+        records = [(self.storage_data[it.storage_index].offset, self.storage_data[it.storage_index].length,
+                    it.storage_index.fqn) for it in window.items]
+        keys = keys_overlapping(records, block_start, block_end)
         raise ChecksumMismatchError(
             f"checksum mismatch in {relative_path} at offset {block_start} (block of {checksums.block_bytes} bytes) "
             f"holding {', '.join(repr(k) for k in keys)}: the bytes on disk are not the ones saved; the checkpoint "

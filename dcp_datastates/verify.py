@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from dcp_datastates.checksums import FileChecksums, load_checksums
+from dcp_datastates.checksums import FileChecksums, keys_overlapping, load_checksums
 from dcp_datastates.reader import DataStatesReader
 
 VERIFY_CHUNK_BYTES = 32 * 1024**2
@@ -54,22 +54,19 @@ def _records_by_file(metadata: Metadata) -> dict[str, list[tuple[int, int, str]]
     return by_file
 
 
-def _keys_in(records: list[tuple[int, int, str]], start: int, end: int) -> list[str]:
-    return sorted({fqn for offset, length, fqn in records if offset < end and offset + length > start})
-
-
-def _open_for_read(path: Path) -> tuple[int, bool]:
+def _open_for_read(path: Path) -> int:
+    """O_DIRECT where the file system allows it (aligned mmap buffers make that legal)."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        return os.open(path, os.O_RDONLY | os.O_DIRECT)
     except OSError:
-        return os.open(path, os.O_RDONLY), False
+        return os.open(path, os.O_RDONLY)
 
 
 def _verify_file(path: Path, checksums: FileChecksums, progress: Callable[[int], None]) -> list[int]:
     """Offsets of the blocks whose bytes do not match; reads the file once, prefetching."""
     chunk = VERIFY_CHUNK_BYTES // checksums.block_bytes * checksums.block_bytes or checksums.block_bytes
     buffers = [mmap.mmap(-1, chunk), mmap.mmap(-1, chunk)]
-    fd, _ = _open_for_read(path)
+    fd = _open_for_read(path)
     bad: list[int] = []
 
     def read(i: int, offset: int) -> int:
@@ -108,12 +105,12 @@ def verify_checkpoint(path: str | os.PathLike, progress: Callable[[int], None] |
         file_path = directory / name
         needed = max(offset + length for offset, length, _ in records)
         if not file_path.is_file():
-            report.problems.append(Corruption(name, 0, needed, _keys_in(records, 0, needed), "file is missing"))
+            report.problems.append(Corruption(name, 0, needed, keys_overlapping(records, 0, needed), "file is missing"))
             continue
         size = file_path.stat().st_size
         if size < needed:
             report.problems.append(
-                Corruption(name, size, needed - size, _keys_in(records, size, needed), f"truncated to {size} bytes")
+                Corruption(name, size, needed - size, keys_overlapping(records, size, needed), f"truncated to {size} bytes")
             )
             continue
         expected = checksums.get(name)
@@ -126,7 +123,7 @@ def verify_checkpoint(path: str | os.PathLike, progress: Callable[[int], None] |
         for offset in _verify_file(file_path, expected, step):
             end = offset + expected.block_bytes
             report.problems.append(
-                Corruption(name, offset, expected.block_bytes, _keys_in(records, offset, end), "checksum mismatch")
+                Corruption(name, offset, expected.block_bytes, keys_overlapping(records, offset, end), "checksum mismatch")
             )
         report.files_verified += 1
         report.bytes_verified += expected.size
