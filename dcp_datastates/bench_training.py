@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,13 +158,9 @@ def _save(method: str, state: dict, path: Path, config: DataStatesConfig, stager
             return response.upload_completion, response.staging_completion
         return response, None
     dcp.save(state, storage_writer=dcp.FileSystemWriter(path, thread_count=8), no_dist=True)
-    done: _Done = _Done()
+    done: Future[None] = Future()
+    done.set_result(None)
     return done, None
-
-
-class _Done:
-    def result(self) -> None:
-        return None
 
 
 METHODS = ["none", "DataStatesWriter async", "stock async_save + DefaultStager", "stock FileSystemWriter"]

@@ -21,7 +21,7 @@ import io
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,12 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItem
 
 from dcp_datastates.buffer_pool import HostBufferPool
-from dcp_datastates.checksums import FileChecksums, checksum_file_name, checksums_of, write_checksum_file
+from dcp_datastates.checksums import (
+    FileChecksums,
+    checksum_file_name,
+    checksums_of,
+    write_checksum_file,
+)
 from dcp_datastates.chunk_stream import ChunkedFileStream
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.framing import tensor_bytes_view
@@ -46,10 +51,8 @@ _in_flight_lock = threading.Lock()
 def wait_all_staged() -> None:
     """Wait until no snapshot of this process still reads live state (errors surface on ``done``)."""
     with _in_flight_lock:
-        pending = list(_in_flight)
-    for snapshot in pending:
-        exception = snapshot.staged.exception()  # waits; the save's own future reports failures
-        del exception
+        pending = [snapshot.staged for snapshot in _in_flight]
+    wait(pending)  # a failed snapshot reports through its save's own future
 
 
 @dataclass(frozen=True)
