@@ -1,10 +1,13 @@
 """Training-loop benchmark: what checkpointing every K steps costs a training run.
 
-    python -m dcp_datastates.bench_training --dim 2048 --layers 16 --steps 60 --every 10   # ~1B params, GPU
+    python -m dcp_datastates.bench_training --dim 2048 --layers 18 --batch 8 --seq 1024 --accum 8 --steps 60   # 1.04B params, GPU
     python -m dcp_datastates.bench_training --dim 512 --layers 4 --steps 30 --every 10     # CPU-sized
 
-One process trains a Llama-style transformer (bf16 parameters on CUDA, fp32 on CPU; fp32 Adam
-states) for --steps steps, once per method, in the same run:
+One process trains a Llama-style transformer for --steps steps, once per method, in the same
+run. With ``--dtype bf16`` (the default on CUDA) it keeps what mixed-precision LLM training keeps:
+bf16 parameters, fp32 master weights and fp32 Adam states (14 bytes per parameter); with
+``--dtype fp32`` (the default on CPU) fp32 parameters and Adam states (12 bytes per parameter).
+``--accum`` micro-batches per optimizer step set the step time, as gradient accumulation does. Methods:
 
 * ``none`` -- no checkpoints (the baseline);
 * ``DataStatesWriter async`` -- ``dcp.async_save(storage_writer=DataStatesWriter(...))`` with the
@@ -74,11 +77,66 @@ class Transformer(torch.nn.Module):
         return self.head(x)
 
 
+class MixedPrecisionAdamW:
+    """AdamW over fp32 master copies of bf16 parameters: bf16 compute, fp32 optimizer state.
+
+    torch's AdamW keeps its states in the parameters' dtype; LLM training keeps fp32 master
+    weights and fp32 moments instead (Megatron, FSDP mixed precision), and that is the state a
+    checkpoint of such a run holds.
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], lr: float) -> None:
+        self.params = params
+        self.master = [p.detach().float() for p in params]
+        self.inner = materialise_moments(torch.optim.AdamW(self.master, lr=lr))
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for master, param in zip(self.master, self.params):
+            master.grad = param.grad.float()
+        self.inner.step()
+        for master, param in zip(self.master, self.params):
+            param.copy_(master)
+            master.grad = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for param in self.params:
+            param.grad = None
+
+    def state_dict(self) -> dict:
+        return {"adamw": self.inner.state_dict(), "master": {str(i): m for i, m in enumerate(self.master)}}
+
+
+def make_optimizer(model: torch.nn.Module, dtype: torch.dtype) -> "torch.optim.AdamW | MixedPrecisionAdamW":
+    params = list(model.parameters())
+    if dtype != torch.float32:
+        return MixedPrecisionAdamW(params, lr=1e-4)
+    return materialise_moments(torch.optim.AdamW(params, lr=1e-4))
+
+
+def materialise_moments(optimizer: torch.optim.AdamW) -> torch.optim.AdamW:
+    """Create the Adam moments now, as after a first step, so every checkpoint has its full size."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+    return optimizer
+
+
+def state_bytes_per_parameter(dtype: torch.dtype) -> int:
+    """Parameter + (fp32 master, if mixed precision) + two fp32 Adam moments."""
+    return 12 if dtype == torch.float32 else torch.finfo(dtype).bits // 8 + 12
+
+
 @dataclass
 class RunResult:
     method: str
-    seconds: float = 0.0
-    stalls: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # one total per repeat
+    stalls: list[float] = field(default_factory=list)  # every checkpoint of every repeat
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
 
 
 def synchronize(device: str) -> None:
@@ -86,16 +144,12 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train(method: str, args: argparse.Namespace, directory: Path) -> RunResult:
+def train(method: str, args: argparse.Namespace, directory: Path, result: RunResult) -> None:
+    """One timed training run of ``method``; appends its total time and stalls to ``result``."""
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = DTYPES[args.dtype]
     model = Transformer(args.vocab, args.dim, args.layers, args.heads).to(args.device, dtype)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    for group in optimizer.param_groups:  # fp32 Adam states for bf16 parameters: materialise them now
-        for p in group["params"]:
-            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p, dtype=torch.float32),
-                                  "exp_avg_sq": torch.zeros_like(p, dtype=torch.float32)}
-    result = RunResult(method)
+    optimizer = make_optimizer(model, dtype)
     config = DataStatesConfig(host_pool_bytes=args.pool, chunk_bytes=args.chunk)
     stager = DefaultStager(StagingOptions(*([args.device == "cuda"] * 4))) if method.startswith("stock async") else None
     pending, staging = None, None
@@ -112,38 +166,50 @@ def train(method: str, args: argparse.Namespace, directory: Path) -> RunResult:
         if stall is not None:
             stall += time.perf_counter() - start
 
-    if method != "none":  # one-time costs (kernel loading, pool allocation) happen once per job, not per save
-        warm, _ = _save(method, {"w": torch.zeros(8, device=args.device)}, directory / "warm-up", config, stager)
-        warm.result()
-
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
-    synchronize(args.device)
-    begin = time.perf_counter()
-    for step in range(1, args.steps + 1):
-        loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten())
-        loss.backward()
+
+    def training_step() -> None:
+        for _ in range(args.accum):  # forward and backward never wait for a snapshot
+            loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten())
+            loss.backward()
         before_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
+    # Untimed warm-up: one-time costs happen once per job, not per checkpoint -- kernel selection
+    # and the allocator for every method; for the checkpointing ones, one whole checkpoint of this
+    # state (our pool's allocation and pinning, the stock stager's pinned copy, numba's kernels).
+    for _ in range(2):
+        training_step()
+    if method != "none":
+        warm, _ = _save(method, _state_of(model, optimizer, 0), directory / "warm-up", config, stager)
+        warm.result()
+        shutil.rmtree(directory / "warm-up")
+    synchronize(args.device)
+    begin = time.perf_counter()
+    for step in range(1, args.steps + 1):
+        training_step()
         if step % args.every == 0 and method != "none":
             if stall is not None:
                 result.stalls.append(stall)
             start = time.perf_counter()
             if pending is not None:
                 pending.result()  # at most one checkpoint in flight, for every method
-            state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": step}
             path = directory / f"{method.split()[0]}-{step}"
-            pending, staging = _save(method, state, path, config, stager)
+            pending, staging = _save(method, _state_of(model, optimizer, step), path, config, stager)
             stall = time.perf_counter() - start
     if pending is not None:
         pending.result()
     synchronize(args.device)
-    result.seconds = time.perf_counter() - begin
+    result.seconds.append(time.perf_counter() - begin)
     if stall is not None:
         result.stalls.append(stall)
     if stager is not None:
         stager.close()
-    return result
+
+
+def _state_of(model: torch.nn.Module, optimizer: "torch.optim.AdamW | MixedPrecisionAdamW", step: int) -> dict:
+    return {"model": model.state_dict(), "optim": optimizer.state_dict(), "step": step}
 
 
 def _save(method: str, state: dict, path: Path, config: DataStatesConfig, stager: DefaultStager | None) -> tuple:
@@ -163,6 +229,7 @@ def _save(method: str, state: dict, path: Path, config: DataStatesConfig, stager
     return done, None
 
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 METHODS = ["none", "DataStatesWriter async", "stock async_save + DefaultStager", "stock FileSystemWriter"]
 
 
@@ -176,32 +243,46 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vocab", type=int, default=32000)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--accum", type=int, default=1, help="micro-batches (forward + backward) per optimizer step")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                        help="parameter dtype (default: bf16 on cuda, with fp32 master weights; fp32 on cpu)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--every", type=int, default=10)
-    parser.add_argument("--pool", default="2GiB", help="DataStates host pool (size it to the per-rank state for full overlap)")
+    parser.add_argument("--pool", default="auto",
+                        help="DataStates host pool; 'auto' sizes it to hold the whole state (full overlap)")
     parser.add_argument("--chunk", default="32MiB", help="DataStates staging buffer / write size")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per method, round-robin (the order rotating); totals are medians")
     parser.add_argument("--dir", type=Path, default=None)
     args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
+    probe = Transformer(args.vocab, args.dim, args.layers, args.heads)
+    params = sum(p.numel() for p in probe.parameters())
+    del probe
+    state = params * state_bytes_per_parameter(DTYPES[args.dtype])
+    if args.pool == "auto":
+        chunk = DataStatesConfig(chunk_bytes=args.chunk).chunk_bytes
+        args.pool = (state // chunk + 4) * chunk  # + framing of every record, rounded up to whole buffers
     DataStatesConfig(host_pool_bytes=args.pool, chunk_bytes=args.chunk)  # fail before training on a bad size
     directory = Path(tempfile.mkdtemp(prefix="dcp_datastates_train_bench_", dir=args.dir))
     try:
-        probe = Transformer(args.vocab, args.dim, args.layers, args.heads)
-        params = sum(p.numel() for p in probe.parameters())
-        del probe
-        results = []
-        for method in METHODS:
-            results.append(train(method, args, directory))
-            shutil.rmtree(directory, ignore_errors=True)
-            directory.mkdir()
-        base = results[0].seconds
-        param_bytes = 2 if args.device == "cuda" else 4
-        print(f"{params / 1e6:.0f}M parameters on {args.device}; state {params * (param_bytes + 8) / 2**30:.2f} GiB; "
-              f"{args.steps} steps, checkpoint every {args.every}")
+        results = {method: RunResult(method) for method in METHODS}
+        for repeat in range(args.repeats):
+            for method in METHODS[repeat % len(METHODS) :] + METHODS[: repeat % len(METHODS)]:
+                train(method, args, directory, results[method])
+                shutil.rmtree(directory, ignore_errors=True)
+                directory.mkdir()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()  # the next method starts from the same free GPU memory
+        base = results["none"].median
+        print(f"{params / 1e6:.0f}M {args.dtype} parameters on {args.device}; state {state / 2**30:.2f} GiB; "
+              f"{args.steps} steps of {args.accum}x{args.batch}x{args.seq} tokens, checkpoint every {args.every}; "
+              f"median of {args.repeats} run(s) each")
         print(f"{'method':<36}{'total s':>9}{'overhead':>10}{'stall ms (mean)':>17}{'(max)':>9}")
-        for r in results:
+        for r in results.values():
             mean = statistics.mean(r.stalls) * 1000 if r.stalls else 0.0
             worst = max(r.stalls) * 1000 if r.stalls else 0.0
-            print(f"{r.method:<36}{r.seconds:>9.2f}{(r.seconds - base) / base:>10.1%}{mean:>17.0f}{worst:>9.0f}")
+            print(f"{r.method:<36}{r.median:>9.2f}{(r.median - base) / base:>10.1%}{mean:>17.0f}{worst:>9.0f}")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

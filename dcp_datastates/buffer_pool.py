@@ -17,6 +17,9 @@ from typing import ClassVar
 
 import torch
 
+#: cudaHostRegisterPortable: pinned for every CUDA context of the process, not only the current device's.
+_HOST_REGISTER_PORTABLE = 1
+
 
 @dataclass(frozen=True)
 class HostBuffer:
@@ -35,12 +38,13 @@ class HostBufferPool:
 
     def __init__(self, chunk_bytes: int, count: int, pin: bool) -> None:
         # Anonymous mmap memory is page-aligned, which O_DIRECT needs; torch's CPU
-        # allocator only promises 64-byte alignment.
+        # allocator only promises 64-byte alignment. Pages are faulted in by the first copies
+        # into them (on the snapshot thread, not the caller's); pinning faults them in at once.
         self._memory = mmap.mmap(-1, chunk_bytes * count)
         whole = torch.frombuffer(self._memory, dtype=torch.uint8)
         self.pinned = False
         if pin:
-            status = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), whole.numel(), 0)
+            status = torch.cuda.cudart().cudaHostRegister(whole.data_ptr(), whole.numel(), _HOST_REGISTER_PORTABLE)
             self.pinned = int(status) == 0
         self.chunk_bytes = chunk_bytes
         self.count = count
@@ -49,7 +53,9 @@ class HostBufferPool:
             HostBuffer(i, whole[i * chunk_bytes : (i + 1) * chunk_bytes], whole_view[i * chunk_bytes : (i + 1) * chunk_bytes])
             for i in range(count)
         ]
-        self._free: queue.SimpleQueue[HostBuffer] = queue.SimpleQueue()
+        # Last released, first reused: a state smaller than the pool keeps cycling through the same
+        # (cache- and TLB-warm) buffers.
+        self._free: queue.LifoQueue[HostBuffer] = queue.LifoQueue()
         for buffer in self._buffers:
             self._free.put(buffer)
         self._lock = threading.Lock()

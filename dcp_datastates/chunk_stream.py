@@ -1,16 +1,22 @@
 """Stream a file's bytes through pool buffers into a write engine (the stage -> write step).
 
 Records are appended in file order; the stream copies them into the current pool
-buffer and hands each full buffer to the engine as one large aligned write, so a
-rank's thousands of small tensors become a handful of ``chunk_bytes`` writes. The
-last buffer is padded to the O_DIRECT alignment and the file is then truncated to
-its exact length, so no garbage byte survives past the end.
+buffer and, once the buffer is full, *seals* it: a sealer thread waits for the
+buffer's copies (a CUDA event per buffer when they come from the GPU), checksums it
+and hands it to the engine as one large aligned write. Copying therefore never waits
+for checksums or the disk -- only for a free buffer -- so the live state is released
+(``finish_copies``) as fast as the copies run, and the disk starts on the first
+buffer while later ones are still being copied. A rank's thousands of small tensors
+become a handful of ``chunk_bytes`` writes. The last buffer is padded to the O_DIRECT
+alignment and the file is then truncated to its exact length, so no garbage byte
+survives past the end.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -24,9 +30,12 @@ class ChunkedFileStream:
     """Append-only file writer over pool buffers.
 
     With ``checksum_block_bytes`` set (it must divide the pool's chunk size), every full
-    buffer is checksummed block by block right before it is handed to the engine, while
-    it is hot in cache: the checksums cost a few milliseconds per 32 MiB and never a
-    second pass over the data.
+    buffer is checksummed block by block by the sealer right before it goes to the
+    engine, while it is hot in cache: never a second pass over the data, and never on
+    the copying thread's path.
+
+    With ``copy_stream`` set, tensors on that stream's CUDA device are copied
+    asynchronously on it into the (pinned) pool buffers.
     """
 
     def __init__(
@@ -42,14 +51,17 @@ class ChunkedFileStream:
         self._checksum_block_bytes = checksum_block_bytes
         self.checksums: list[int] = []
         self._copy_stream = copy_stream
-        self._device_copies_pending = False  # device-to-host copies queued into the current buffer
+        self._device_copies_pending = False  # device-to-host copies queued and not yet waited for
+        self._buffer_has_device_copies = False  # ... some of them into the current buffer
         self._target = target
         self._engine = engine
         self._pool = pool
         self._buffer: HostBuffer | None = None
         self._fill = 0
         self._buffer_offset = 0  # file offset of the current buffer's first byte
-        self._pending = 0
+        # One thread, so buffers are checksummed and submitted in file order.
+        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-datastates-seal")
+        self._pending = 0  # sealed buffers not yet written (or failed)
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._closed = False
@@ -77,27 +89,31 @@ class ChunkedFileStream:
             pos += n
 
     def write_tensor(self, flat_bytes: torch.Tensor) -> None:
-        """Append a flat uint8 tensor; device tensors are copied asynchronously on the copy stream."""
-        on_device = flat_bytes.device.type == "cuda" and self._copy_stream is not None
-        if on_device:
+        """Append a flat uint8 tensor; tensors on the copy stream's device are copied asynchronously."""
+        stream = self._copy_stream
+        on_stream = stream is not None and flat_bytes.device == stream.device
+        if on_stream:
             # The copy runs on another stream: keep the allocator from reusing this memory until it is done.
-            flat_bytes.record_stream(self._copy_stream)
+            flat_bytes.record_stream(stream)
         total = flat_bytes.numel()
         pos = 0
         while pos < total:
             buffer = self._current()
             n = min(total - pos, self._pool.chunk_bytes - self._fill)
-            if on_device:
-                with torch.cuda.stream(self._copy_stream):
+            if on_stream:
+                with torch.cuda.stream(stream):
                     buffer.tensor[self._fill : self._fill + n].copy_(flat_bytes[pos : pos + n], non_blocking=True)
-                self._device_copies_pending = True
-            else:
+                self._device_copies_pending = self._buffer_has_device_copies = True
+            else:  # host memory, or a GPU other than the stream's: a synchronous copy
                 buffer.tensor[self._fill : self._fill + n].copy_(flat_bytes[pos : pos + n])
             self._advance(n)
             pos += n
 
     def finish_copies(self) -> None:
-        """Wait until every byte appended so far has left its source (device copies included)."""
+        """Wait until every byte appended so far has left its source (device copies included).
+
+        Checksums and disk writes may still be running: they read the pool, not the live state.
+        """
         if self._device_copies_pending and self._copy_stream is not None:
             self._copy_stream.synchronize()
             self._device_copies_pending = False
@@ -105,23 +121,29 @@ class ChunkedFileStream:
     def _advance(self, n: int) -> None:
         self._fill += n
         if self._fill == self._pool.chunk_bytes:
-            self._submit(self._fill)
+            self._seal(self._fill)
 
-    def _submit(self, length: int) -> None:
-        buffer = self._buffer
+    def _seal(self, length: int) -> None:
+        """Hand the current buffer to the sealer: wait for its copies, checksum, submit ``length`` bytes."""
+        buffer, used, offset = self._buffer, self._fill, self._buffer_offset
         assert buffer is not None
-        self.finish_copies()  # the engine and the checksum must see the copied bytes
-        if self._checksum_block_bytes is not None:
-            self.checksums += block_checksums(buffer.view[: self._fill], self._checksum_block_bytes)
-        offset = self._buffer_offset
+        copied: torch.cuda.Event | None = None
+        if self._buffer_has_device_copies:
+            assert self._copy_stream is not None
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+            self._buffer_has_device_copies = False
         self._buffer = None
-        self._buffer_offset += self._fill
+        self._buffer_offset += used
         self._fill = 0
         with self._cond:
             self._pending += 1
-        self.writes_submitted += 1
+        self._sealer.submit(self._checksum_and_submit, buffer, used, length, offset, copied)
 
-        def on_done(error: BaseException | None, buffer: HostBuffer = buffer) -> None:
+    def _checksum_and_submit(
+        self, buffer: HostBuffer, used: int, length: int, offset: int, copied: "torch.cuda.Event | None"
+    ) -> None:
+        def on_done(error: BaseException | None) -> None:
             self._pool.release(buffer)
             with self._cond:
                 self._pending -= 1
@@ -130,16 +152,25 @@ class ChunkedFileStream:
                 self._cond.notify_all()
 
         try:
+            if copied is not None:
+                # The engine and the checksum must see the copied bytes -- and the buffer may not go
+                # back to the pool, even after a failure, while a copy into it is still in flight.
+                copied.synchronize()
+            if self._error is not None:  # an earlier write failed: the file is lost anyway
+                raise self._error
+            if self._checksum_block_bytes is not None:
+                self.checksums += block_checksums(buffer.view[:used], self._checksum_block_bytes)
             self._engine.submit(WriteRequest(self._target.fd, self._target.path, buffer.view[:length], offset, on_done))
-        except BaseException as exc:
+            self.writes_submitted += 1
+        except BaseException as exc:  # noqa: BLE001 - reported by close() / the next append
             on_done(exc)
-            raise
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
 
     def _wait_all(self) -> None:
+        self._sealer.shutdown(wait=True)
         with self._cond:
             self._cond.wait_for(lambda: self._pending == 0)
 
@@ -148,8 +179,7 @@ class ChunkedFileStream:
         size = self.position
         try:
             if self._fill:
-                padded = -(-self._fill // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
-                self._submit(padded)
+                self._seal(-(-self._fill // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT)
             self._wait_all()
             self._raise_if_failed()
             os.ftruncate(self._target.fd, size)
@@ -160,8 +190,9 @@ class ChunkedFileStream:
         return size
 
     def abort(self) -> None:
-        """Wait for in-flight writes (their buffers must come back) and close the file."""
+        """Wait for in-flight copies and writes (their buffers must come back) and close the file."""
         if self._buffer is not None:
+            self.finish_copies()  # a queued copy into this buffer must land before it is reused
             self._pool.release(self._buffer)
             self._buffer = None
         self._wait_all()

@@ -10,13 +10,16 @@ the caller what it needs to know:
   training waits for this only right before the optimizer step).
 * ``done`` -- every file is written and fsynced, with the location of each record.
 
-Device tensors are copied on a dedicated CUDA stream into pinned pool buffers; a
-buffer is handed to the engine once its copies have finished (an event per buffer),
-so the disk starts on the first region while later regions are still being copied.
+Device tensors are copied on a dedicated CUDA stream (on the caller's GPU, ordered
+after everything training queued before the save) into pinned pool buffers; each full
+buffer is written once its copies have finished (an event per buffer, see
+``chunk_stream``), so the disk starts on the first region while later regions are still
+being copied, and ``staged`` waits for the copies alone, never for checksums or disk.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import threading
@@ -88,9 +91,14 @@ class Snapshot:
         self._created: list[Path] = []
         self._objects_pickled = threading.Event()
         self._thread: threading.Thread | None = None
-        self._stream_ready = torch.cuda.Event() if torch.cuda.is_available() else None
-        if self._stream_ready is not None:
+        # CUDA state is per thread: note the caller's device and stream now, on the caller's thread.
+        # No CUDA context yet means no tensor can live on a GPU, and none is created here.
+        self._cuda_device: int | None = None
+        self._stream_ready: torch.cuda.Event | None = None
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            self._cuda_device = torch.cuda.current_device()
             # Copies must see every kernel the training stream queued before the save started.
+            self._stream_ready = torch.cuda.Event()
             self._stream_ready.record(torch.cuda.current_stream())
 
     # -- running ------------------------------------------------------------------------------
@@ -172,22 +180,22 @@ class Snapshot:
             target = open_for_write(str(path), self._config.direct_io)
             self._created.append(path)
             block_bytes = self._config.checksum_block_bytes
-            copy_stream = torch.cuda.Stream() if self._stream_ready is not None else None
-            if copy_stream is not None:
-                copy_stream.wait_event(self._stream_ready)
+            copy_stream = self._copy_stream()
             stream = ChunkedFileStream(
                 target, engine, self._pool, block_bytes if self._config.checksums else None, copy_stream
             )
             try:
-                for record in self.layout.tensor_records:
-                    tensor = self._resolve(record.item)
-                    _check_tensor_matches(record.item, tensor)
-                    stream.write_bytes(record.framing.prefix)
-                    stream.write_tensor(tensor_bytes_view(tensor))  # type: ignore[arg-type]
-                    stream.write_bytes(record.framing.suffix)
-                    result.records[record.item.index] = RecordLocation(
-                        self.layout.tensor_file, record.offset, record.framing.total_bytes
-                    )
+                # On the copy stream, a non-contiguous tensor's packing copy also stays off the training stream.
+                with torch.cuda.stream(copy_stream) if copy_stream is not None else contextlib.nullcontext():
+                    for record in self.layout.tensor_records:
+                        tensor = self._resolve(record.item)
+                        _check_tensor_matches(record.item, tensor)
+                        stream.write_bytes(record.framing.prefix)
+                        stream.write_tensor(tensor_bytes_view(tensor))  # type: ignore[arg-type]
+                        stream.write_bytes(record.framing.suffix)
+                        result.records[record.item.index] = RecordLocation(
+                            self.layout.tensor_file, record.offset, record.framing.total_bytes
+                        )
                 stream.finish_copies()
             except BaseException:
                 stream.abort()
@@ -202,6 +210,16 @@ class Snapshot:
         result.tensor_bytes = size
         result.tensor_writes = stream.writes_submitted
         checksums[self.layout.tensor_file] = FileChecksums(size, block_bytes, tuple(stream.checksums))
+
+    def _copy_stream(self) -> "torch.cuda.Stream | None":
+        """A side stream on the caller's GPU, ordered after what training queued before the save."""
+        if self._cuda_device is None:
+            return None
+        torch.cuda.set_device(self._cuda_device)  # this (snapshot) thread starts on device 0
+        stream = torch.cuda.Stream(device=self._cuda_device)
+        assert self._stream_ready is not None
+        stream.wait_event(self._stream_ready)
+        return stream
 
 
 def _check_tensor_matches(item: WriteItem, tensor: object) -> None:

@@ -16,6 +16,16 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 ENGINES = ["threads", "io_uring"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """``@pytest.mark.gpu`` tests skip, saying why, where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `python -m pytest -m gpu` on a GPU machine)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 def small_config(engine: str, **overrides: object) -> DataStatesConfig:
     """Tiny chunks so that even small test states cross many buffer boundaries."""
     fields = {"io_engine": engine, "chunk_bytes": 8192, "host_pool_bytes": 4 * 8192} | overrides

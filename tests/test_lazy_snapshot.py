@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import threading
 import time
 
 import pytest
@@ -13,9 +14,10 @@ from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
 from conftest import small_config
 from dcp_datastates import DataStatesReader, DataStatesWriter, install_optimizer_guard
+from dcp_datastates import chunk_stream
 from dcp_datastates.native import pwrite_engine
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
 def make_training(device: str, seed: int = 0):
@@ -90,6 +92,29 @@ def test_staging_completes_before_upload_when_the_pool_holds_the_state(tmp_path,
     assert staged_at < uploaded_at and returned < uploaded_at
     out = {k: torch.zeros(4096) for k in state}
     dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
+    assert all(torch.equal(out[k], v) for k, v in state.items())
+
+
+def test_staging_waits_for_the_copies_alone_not_for_checksums_or_the_disk(tmp_path, monkeypatch):
+    """Checksums and writes read the pool, not the live state: training must not wait for them."""
+    gate = threading.Event()
+    real = chunk_stream.block_checksums
+
+    def gated(view, block_bytes):
+        assert gate.wait(timeout=60), "staging never completed while checksums were held back"
+        return real(view, block_bytes)
+
+    monkeypatch.setattr(chunk_stream, "block_checksums", gated)
+    state = {f"w{i}": torch.randn(4096) for i in range(16)}  # 256 KiB, pool 1 MiB
+    writer = DataStatesWriter(tmp_path / "c", small_config("threads", chunk_bytes=16384, host_pool_bytes=64 * 16384))
+    response = dcp.async_save(state, storage_writer=writer, no_dist=True)
+    response.staging_completion.result(timeout=30)  # no buffer has been checksummed or written yet
+    assert not response.upload_completion.done()
+    gate.set()
+    response.upload_completion.result()
+    assert writer.last_stats.tensor_writes >= 16
+    out = {k: torch.zeros(4096) for k in state}
+    dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)  # verifies the checksums
     assert all(torch.equal(out[k], v) for k, v in state.items())
 
 
