@@ -1,6 +1,6 @@
 """Training-loop benchmark: what checkpointing every K steps costs a training run.
 
-    python -m dcp_datastates.bench_training --dim 2048 --layers 18 --batch 8 --seq 1024 --accum 8 --steps 60   # 1.04B params, GPU
+    python -m dcp_datastates.bench_training --dim 2048 --layers 18 --batch 8 --seq 1024 --accum 8 --steps 30 --every 10   # 1.04B params, GPU
     python -m dcp_datastates.bench_training --dim 512 --layers 4 --steps 30 --every 10     # CPU-sized
 
 One process trains a Llama-style transformer for --steps steps, once per method, in the same
