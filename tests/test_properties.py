@@ -10,7 +10,7 @@ import torch.distributed.checkpoint as dcp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import small_config
+from conftest import assert_state_equal, small_config, zeros_like_state
 from dcp_datastates import DataStatesReader, DataStatesWriter
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int8, torch.uint8,
@@ -43,19 +43,6 @@ def build(spec) -> dict:
     return out
 
 
-def blank(state: dict) -> dict:
-    return {k: blank(v) if isinstance(v, dict) else (torch.zeros_like(v.contiguous()) if isinstance(v, torch.Tensor) else None)
-            for k, v in state.items()}
-
-
-def same(a, b) -> bool:
-    if isinstance(b, dict):
-        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in b)
-    if isinstance(b, torch.Tensor):
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-    return a == b
-
-
 @given(spec=STATES, engine=st.sampled_from(["threads", "io_uring"]), chunk_pages=st.integers(1, 4))
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 def test_random_state_dicts_round_trip_exactly(spec, engine, chunk_pages):
@@ -65,7 +52,7 @@ def test_random_state_dicts_round_trip_exactly(spec, engine, chunk_pages):
         path = Path(tmp) / "c"
         dcp.save(state, storage_writer=DataStatesWriter(path, config), no_dist=True)
         for reader in (DataStatesReader(path), dcp.FileSystemReader(path)):
-            out = blank(state)
+            out = zeros_like_state(state)
             dcp.load(out, storage_reader=reader, no_dist=True)
-            assert same(out, state)
+            assert_state_equal(out, state)
     COUNTS["examples"] += 1
