@@ -78,8 +78,15 @@ def tensor_framing(dtype: torch.dtype, shape: tuple[int, ...]) -> TensorFraming:
 
 
 def tensor_bytes_view(tensor: torch.Tensor) -> torch.Tensor:
-    """A flat uint8 view of a tensor's logical bytes (a copy only if it is not contiguous)."""
-    flat = tensor.detach().reshape(-1)
+    """A flat uint8 view of a tensor's logical bytes (a copy only if it is not a dense row-major block).
+
+    Views of every kind stock DCP saves must work: strided slices and columns (stride != 1),
+    expanded tensors (stride 0), and conjugate / negative-bit views, whose lazy flag would
+    otherwise be lost -- ``resolve_conj``/``resolve_neg`` materialise the values they stand for.
+    """
+    flat = tensor.detach().resolve_conj().resolve_neg()
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=tensor.device)
-    return flat.view(torch.uint8)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    return flat.reshape(-1).view(torch.uint8)
