@@ -139,7 +139,8 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 end = min(end, file_size)
             last = windows[-1] if windows else None
             if last is not None and start <= last.end and max(end, last.end) - last.start <= READ_WINDOW_BYTES:
-                windows[-1] = _Window(last.start, max(end, last.end), last.items + [item])
+                last.items.append(item)  # in place: rebuilding the list per record made planning quadratic
+                windows[-1] = _Window(last.start, max(end, last.end), last.items)
             else:
                 windows.append(_Window(start, end, [item]))
         return windows
