@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,13 +58,30 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
     Args:
         path: checkpoint directory (created if missing).
-        config: :class:`DataStatesConfig`; defaults if omitted.
+        config: :class:`DataStatesConfig`, or a mapping of its fields (``{"io_engine": "threads"}``)
+            validated into one here; defaults if omitted.
         overwrite: replace a complete checkpoint already in ``path``. The old one stays
             intact and loadable until the new one commits.
     """
 
-    def __init__(self, path: str | os.PathLike, config: DataStatesConfig | None = None, *, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: DataStatesConfig | Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
         super().__init__()
+        # Validate the config now: a wrong one would otherwise show only in write_data, after DCP
+        # planned and the checkpoint directory was created. pydantic's error names the field.
+        if isinstance(config, Mapping):
+            config = DataStatesConfig.model_validate(dict(config))
+        elif config is not None and not isinstance(config, DataStatesConfig):
+            raise TypeError(
+                f"DataStatesWriter(path, config): config must be a DataStatesConfig or a mapping of its fields, "
+                f"got {type(config).__name__} {config!r}; pass e.g. DataStatesConfig(io_engine='threads') or "
+                f"{{'io_engine': 'threads'}} (overwrite is keyword-only: DataStatesWriter(path, overwrite=True))"
+            )
         self.path = Path(path)
         self.config = config if config is not None else DataStatesConfig()
         self.overwrite = overwrite
