@@ -53,7 +53,8 @@ def test_torchtitan_config_parsing_builds_the_datastates_manager_from_the_exampl
 
     parsed = checks["parsed"]
     assert parsed["is_ours"], parsed
-    assert (parsed["enable"], parsed["interval"], parsed["storage_backend"]) == (True, 5, "datastates")
+    assert (parsed["enable"], parsed["interval"], parsed["async_mode"], parsed["storage_backend"]) == (
+        True, 5, "async", "datastates")
     assert (parsed["pool"], parsed["chunk"], parsed["engine"]) == ("8MiB", "1MiB", "threads")
     assert parsed["last_save_model_only"] is False and parsed["stock_last_save_model_only"] is False
     assert parsed["same_training"] and parsed["same_model"]

@@ -59,7 +59,8 @@ def main() -> None:
     from dcp_datastates.integrations.torchtitan import DataStatesCheckpointManager
 
     module = ["--module", "torchtitan_datastates", "--config", "llama3_debugmodel_datastates"]
-    flags = ["--checkpoint.enable", "--checkpoint.interval", "5", "--checkpoint.storage_backend", "datastates",
+    flags = ["--checkpoint.enable", "--checkpoint.interval", "5", "--checkpoint.async_mode", "async",
+             "--checkpoint.storage_backend", "datastates",
              "--checkpoint.datastates_host_pool_bytes", "8MiB", "--checkpoint.datastates_chunk_bytes", "1MiB",
              "--checkpoint.datastates_io_engine", "threads"]
     config, err = parse(module + flags)
@@ -70,7 +71,7 @@ def main() -> None:
         "check": "parsed",
         "checkpoint_type": type(ckpt).__qualname__,
         "is_ours": type(ckpt) is DataStatesCheckpointManager.Config,
-        "enable": ckpt.enable, "interval": ckpt.interval, "storage_backend": ckpt.storage_backend,
+        "enable": ckpt.enable, "interval": ckpt.interval, "async_mode": ckpt.async_mode, "storage_backend": ckpt.storage_backend,
         "pool": ckpt.datastates_host_pool_bytes, "chunk": ckpt.datastates_chunk_bytes, "engine": ckpt.datastates_io_engine,
         # carried over from llama3_debugmodel()'s own checkpoint config (it sets this to False)
         "last_save_model_only": ckpt.last_save_model_only, "stock_last_save_model_only": stock.checkpoint.last_save_model_only,
@@ -88,6 +89,7 @@ def main() -> None:
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     exp_avg = {k: v["exp_avg"].clone() for k, v in optimizers.optimizers[0].state_dict()["state"].items()}
     manager.save(curr_step=5)
+    manager.maybe_wait_for_saving()  # async_mode=async: torchtitan's close() does not wait for the save
     manager.close()
     step_dir = os.path.join(folder, ckpt.folder, "step-5")
     model2, optimizers2, manager2 = build(config, folder, seed=1)
