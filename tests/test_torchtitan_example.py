@@ -66,6 +66,11 @@ def test_torchtitan_config_parsing_builds_the_datastates_manager_from_the_exampl
     assert ".metadata" in built["files"] and any(f.endswith("checksums.json") for f in built["files"]), built["files"]
     assert built["loaded"] is True and built["model_exact"] and built["optimizer_exact"], built
 
+    helper = checks["with_datastates"]
+    assert helper["unknown"].startswith("TypeError: with_datastates() got unknown checkpoint fields ['datastates_pool']")
+    assert helper["bad_value"].startswith("ValidationError") and "chunk_bytes" in helper["bad_value"], helper
+    assert helper["kept"] == [10, False, "filesystem", "threads"]  # llama3_debugmodel's interval and policy, our fields
+
     assert "chunk_bytes must be a multiple of 4096" in checks["bad_chunk"]["error"], checks["bad_chunk"]
     assert checks["bad_chunk"]["error"].startswith("exit 2")
     # Why the example module is needed: torchtitan's stock llama3 registry has no such flag.

@@ -108,6 +108,19 @@ def main() -> None:
     }), flush=True)
     dist.destroy_process_group()
 
+    from torchtitan_datastates import with_datastates
+
+    errors = {}
+    for name, fields in {"unknown": {"datastates_pool": "1GiB"}, "bad_value": {"datastates_chunk_bytes": "5000"}}.items():
+        try:
+            with_datastates(llama3_debugmodel(), **fields)
+            errors[name] = "accepted"
+        except (TypeError, ValueError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    kept = with_datastates(llama3_debugmodel(), storage_backend="filesystem", datastates_io_engine="threads").checkpoint
+    errors["kept"] = [kept.interval, kept.last_save_model_only, kept.storage_backend, kept.datastates_io_engine]
+    print(json.dumps({"check": "with_datastates", **errors}), flush=True)
+
     _, err = parse(module + ["--checkpoint.datastates_chunk_bytes", "5000"])
     print(json.dumps({"check": "bad_chunk", "error": err}), flush=True)
     _, err = parse(["--module", "llama3", "--config", "llama3_debugmodel", "--checkpoint.storage_backend", "datastates"])
