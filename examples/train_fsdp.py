@@ -101,6 +101,10 @@ def main() -> None:
     parser.add_argument("--kill-at", type=int, default=-1,
                         help="simulate a crash of every rank in the middle of the save of this step (exit status 17)")
     args = parser.parse_args()
+    if args.every < 1 or args.keep < 1:
+        parser.error(f"--every and --keep must be at least 1, got --every {args.every} --keep {args.keep}")
+    if args.kill_at != -1 and (args.kill_at < 1 or args.kill_at % args.every):
+        parser.error(f"--kill-at {args.kill_at} would never fire: it must be a step that saves, a multiple of --every {args.every}")
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()

@@ -70,3 +70,14 @@ def test_resume_on_fewer_ranks(tmp_path):
     logged = losses(tmp_path)
     assert [logged[s][1] for s in range(1, 10)] == [2] * 6 + [1] * 3
     assert [p.name for p in list_complete_checkpoints(tmp_path / "checkpoints")] == ["step-6", "step-9"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--every", "3", "--kill-at", "5"], "--kill-at 5 would never fire: it must be a step that saves, a multiple of --every 3"),
+    (["--every", "0"], "--every and --keep must be at least 1"),
+])
+def test_arguments_that_would_do_nothing_or_crash_are_refused_before_anything_runs(tmp_path, args, message):
+    proc = subprocess.run([sys.executable, str(EXAMPLE), "--dir", str(tmp_path / "run"), *args],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
