@@ -177,15 +177,15 @@ class HostBufferPool:
             try:
                 buffer = self._make_buffer(index)
             except BaseException as exc:  # noqa: BLE001 - reported to acquire() and the log
+                logger.warning(
+                    "dcp_datastates: could not allocate host staging buffer %d of %d bytes (%s); the pool keeps "
+                    "its %d ready buffers", index, self.chunk_bytes, exc, index,
+                )
                 with self._cond:
                     self._fill_error = exc
                     self._target = len(self._buffers)  # make do with what is ready
                     self._filler = None
                     self._cond.notify_all()
-                logger.warning(
-                    "dcp_datastates: could not allocate host staging buffer %d of %d bytes (%s); the pool keeps "
-                    "its %d ready buffers", index, self.chunk_bytes, exc, index,
-                )
                 return
             with self._cond:
                 self._buffers.append(buffer)
