@@ -216,13 +216,14 @@ def test_auto_pool_save_round_trips_within_the_cap(tmp_path, monkeypatch):
 class FakeCudart:
     """cudaHostRegister that fails with cudaErrorMemoryAllocation, as on a host out of lockable memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, status: int = 2) -> None:
+        self.status = status
         self.registered = 0
         self.cleared = 0
 
     def cudaHostRegister(self, address: int, length: int, flags: int) -> int:  # noqa: N802 - CUDA's name
         self.registered += 1
-        return 2
+        return self.status
 
     def cudaGetErrorString(self, status: int) -> str:  # noqa: N802
         return "out of memory"
@@ -248,6 +249,21 @@ def test_failed_pinning_is_logged_once_clears_the_cuda_error_and_falls_back_unpi
     buffer.tensor.fill_(7)
     assert bytes(buffer.view[:3]) == b"\x07\x07\x07"
     pool.release(buffer)
+
+
+def test_the_filler_selects_the_callers_gpu_before_it_pins(monkeypatch):
+    """Registration happens in the caller's device context (not device 0's), on the filler thread."""
+    fake = FakeCudart(status=0)
+    selected: list[tuple[str, int]] = []
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: fake)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)  # the caller trains on GPU 3
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: selected.append((threading.current_thread().name, d)))
+    pool = HostBufferPool.shared(8192, 3, True)
+    assert pool.wait_ready(30) and pool.ready == 3
+    assert selected == [(FILLER, 3)] and fake.registered == 3 and fake.cleared == 0
+    assert pool.pinned and all(b.pinned for b in pool._buffers)
 
 
 def test_pinning_without_a_cuda_runtime_falls_back_visibly(pool_log):
