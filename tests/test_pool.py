@@ -160,7 +160,10 @@ def test_writer_pool_is_auto_by_default_and_an_explicit_size_wins(tmp_path, monk
 
 
 # -- filling off the caller's thread ---------------------------------------------------------------
-def test_the_pool_is_faulted_in_by_its_own_thread_never_the_callers(monkeypatch):
+@pytest.mark.parametrize("how", ["madvise", "memset"])  # memset: kernels older than 5.14
+def test_the_pool_is_faulted_in_by_its_own_thread_never_the_callers(monkeypatch, how):
+    if how == "memset":
+        monkeypatch.setattr(buffer_pool, "_libc", None)
     recorder = FaultRecorder()
     monkeypatch.setattr(buffer_pool, "fault_in", recorder)
     control = mmap.mmap(-1, 16 * mmap.PAGESIZE)  # the residency check can fail: fresh pages are not in RAM
