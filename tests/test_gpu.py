@@ -57,6 +57,8 @@ def warm_up(tmp_path, state: dict, config) -> None:
     """
     twin = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
     dcp.save(twin, storage_writer=DataStatesWriter(tmp_path / "warm-up", config), no_dist=True)
+    for pool in [*HostBufferPool._shared.values(), *HostBufferPool._auto.values()]:
+        assert pool.wait_ready(120)  # no pinning (the driver's lock) runs in the background while timing
     torch.cuda.synchronize()
 
 
