@@ -219,9 +219,19 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         snapshot.run()
         return self.path, snapshot.done.result()
 
-    def _pool(self) -> HostBufferPool:
+    def _pool(self, state_bytes: int | None = None) -> HostBufferPool:
+        """The process-wide staging pool for a save of ``state_bytes`` tensor-file bytes (None: unknown).
+
+        With ``host_pool_bytes="auto"`` the first call sizes the pool to ``state_bytes`` (capped by
+        a share of host memory) and later ones grow it if the state grew; an explicit size is used
+        as given. Either way the pool fills on its own background thread, so this returns at once:
+        call it from the thread that will copy (its current CUDA device registers the buffers).
+        """
         pin = torch.cuda.is_available()
-        return HostBufferPool.shared(self.config.chunk_bytes, self.config.pool_buffers, pin)
+        if self.config.host_pool_bytes == "auto":
+            return HostBufferPool.auto(self.config.chunk_bytes, pin, state_bytes)
+        assert self.config.pool_buffers is not None
+        return HostBufferPool.shared(self.config.chunk_bytes, self.config.pool_buffers, pin, state_bytes)
 
     # -- StorageWriter: the commit step ------------------------------------------------------
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
