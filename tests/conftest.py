@@ -145,16 +145,20 @@ def sample_state() -> dict:
     }
 
 
-def zeros_like_state(state: dict) -> dict:
-    """A destination with the same structure, every tensor zeroed and every object blanked."""
+def zeros_like_state(state: dict, blank: object = None) -> dict:
+    """A destination with the same structure, every tensor zeroed and every object set to ``blank``.
+
+    Pass a ``blank`` that the state cannot contain when its objects may be ``None``: a load that
+    delivered nothing must not compare equal.
+    """
     out: dict = {}
     for key, value in state.items():
         if isinstance(value, torch.Tensor):
             out[key] = torch.zeros_like(value.contiguous())
         elif isinstance(value, dict):
-            out[key] = zeros_like_state(value)
+            out[key] = zeros_like_state(value, blank)
         else:
-            out[key] = None
+            out[key] = blank
     return out
 
 
