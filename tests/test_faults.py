@@ -22,7 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from conftest import small_config
+from conftest import io_uring_blocked, small_config
 from dcp_datastates import DataStatesConfig, DataStatesReader, DataStatesWriter, IncompleteCheckpointError
 from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.commit import METADATA_FILE
@@ -111,8 +111,7 @@ def namespace_for_a_private_mount() -> list[str] | None:
     return None
 
 
-@pytest.mark.parametrize("engine", ["threads", "io_uring"])
-def test_real_enospc_on_a_full_filesystem(tmp_path, engine):
+def test_real_enospc_on_a_full_filesystem(tmp_path):
     """A save that fills a real 1 MiB tmpfs fails with the kernel's ENOSPC and harms nothing.
 
     Runs in a child process in a private mount namespace (no root needed where user
@@ -123,9 +122,10 @@ def test_real_enospc_on_a_full_filesystem(tmp_path, engine):
     prefix = namespace_for_a_private_mount()
     if prefix is None:
         pytest.skip("cannot create a mount namespace here (unshare refused); the injected ENOSPC test covers this path")
+    engines = ["threads"] + (["io_uring"] if io_uring_blocked() is None else [])  # one child process for both
     script = textwrap.dedent(
         f"""
-        import subprocess, warnings, torch
+        import os, subprocess, warnings, torch
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.api import CheckpointException
         from dcp_datastates import DataStatesConfig, DataStatesReader, DataStatesWriter
@@ -133,30 +133,31 @@ def test_real_enospc_on_a_full_filesystem(tmp_path, engine):
         warnings.filterwarnings("ignore")
         tiny = {str(tmp_path / "tiny")!r}
         subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", tiny], check=True)
-        config = DataStatesConfig(io_engine={engine!r}, chunk_bytes=8192, host_pool_bytes=4 * 8192)
-        pool = HostBufferPool.shared(8192, 4, torch.cuda.is_available())
-        small = {{"w": torch.arange(1000.0), "step": 1}}
-        dcp.save(small, storage_writer=DataStatesWriter(tiny + "/ok", config), no_dist=True)
-        big = {{"w": torch.randn(2**20)}}  # 4 MiB on a 1 MiB file system
-        response = dcp.async_save(big, storage_writer=DataStatesWriter(tiny + "/full", config), no_dist=True)
-        try:
-            response.upload_completion.result()
-            raise SystemExit("a 4 MiB save fitted on a 1 MiB file system")
-        except (CheckpointException, OSError) as exc:
-            assert "No space left on device" in str(exc), exc
-        assert pool.in_use == 0  # every staging buffer came back
-        import os
-        left = os.listdir(tiny + "/full")
-        assert not any(n.endswith((".distcp", "checksums.json", ".metadata")) for n in left), left
-        out = {{"w": torch.zeros(1000), "step": 0}}
-        dcp.load(out, storage_reader=DataStatesReader(tiny + "/ok"), no_dist=True)
-        assert torch.equal(out["w"], torch.arange(1000.0)) and out["step"] == 1
-        print("ENOSPC handled")
+        for engine in {engines!r}:
+            config = DataStatesConfig(io_engine=engine, chunk_bytes=8192, host_pool_bytes=4 * 8192)
+            pool = HostBufferPool.shared(8192, 4, torch.cuda.is_available())
+            small = {{"w": torch.arange(1000.0), "step": 1}}
+            dcp.save(small, storage_writer=DataStatesWriter(f"{{tiny}}/ok-{{engine}}", config), no_dist=True)
+            big = {{"w": torch.randn(2**20)}}  # 4 MiB on a 1 MiB file system
+            response = dcp.async_save(big, storage_writer=DataStatesWriter(f"{{tiny}}/full-{{engine}}", config), no_dist=True)
+            try:
+                response.upload_completion.result()
+                raise SystemExit(f"{{engine}}: a 4 MiB save fitted on a 1 MiB file system")
+            except (CheckpointException, OSError) as exc:
+                assert "No space left on device" in str(exc), exc
+            assert pool.in_use == 0  # every staging buffer came back
+            left = os.listdir(f"{{tiny}}/full-{{engine}}")
+            assert not any(n.endswith((".distcp", "checksums.json", ".metadata")) for n in left), left
+            out = {{"w": torch.zeros(1000), "step": 0}}
+            dcp.load(out, storage_reader=DataStatesReader(f"{{tiny}}/ok-{{engine}}"), no_dist=True)
+            assert torch.equal(out["w"], torch.arange(1000.0)) and out["step"] == 1
+            print(f"{{engine}}: ENOSPC handled", flush=True)
         """
     )
     (tmp_path / "tiny").mkdir()
     proc = subprocess.run([*prefix, sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0 and "ENOSPC handled" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.split("\n")[:-1] == [f"{engine}: ENOSPC handled" for engine in engines], proc.stdout
 
 
 @pytest.mark.parametrize("engine", ["threads", "io_uring"])
