@@ -296,6 +296,8 @@ def validate_metadata(metadata: object, source: str, *, trust: bool = False, bud
             raise c.fail(f"storage_data holds a record for {index.fqn!r}, which state_dict_metadata lacks")
 
     c.plain(top["planner_data"], "planner_data")
+    if not trust:
+        _check_planner_data(c, top["planner_data"])
     if top["version"] is not None and type(top["version"]) is not str:
         raise c.fail("version is not a string")
     if top["storage_meta"] is not None:
@@ -305,6 +307,25 @@ def validate_metadata(metadata: object, source: str, *, trust: bool = False, bud
                 raise c.fail(f"storage_meta.{name} is a {type(meta[name]).__name__}, not a string")
         c.plain(meta["modules"], "storage_meta.modules")
     integrity_record(metadata, source)
+
+
+#: Largest list index a key path may hold (``set_element`` grows lists up to it).
+MAX_PATH_INDEX = 1 << 20
+
+
+def _check_planner_data(c: _Checker, planner_data: object) -> None:
+    """DCP's default planners store ``{flat key: key path}``; its loaders index and grow containers by it."""
+    if planner_data is None:
+        return
+    if type(planner_data) is not dict:
+        raise c.fail("planner_data is not DCP's mapping of flattened keys to key paths (a custom planner's? "
+                     "pass trust_checkpoint=True if you trust the checkpoint)")
+    for key, path in planner_data.items():
+        if type(key) is not str or type(path) not in (tuple, list) or not 0 < len(path) <= MAX_DIMS:
+            raise c.fail(f"planner_data entry {str(key)[:80]!r} is not a key path")
+        for part in path:
+            if type(part) is not str and not (type(part) is int and 0 <= part <= MAX_PATH_INDEX):
+                raise c.fail(f"planner_data entry {key[:80]!r} has a path element {str(part)[:40]!r}")
 
 
 # -- integrity record (fail closed) -------------------------------------------------------------

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -32,6 +33,7 @@ from dcp_datastates.errors import (
     CheckpointIOError,
     CheckpointPathError,
     ChecksumMismatchError,
+    DataStatesError,
     IncompleteCheckpointError,
 )
 from dcp_datastates.metadata_check import (
@@ -86,14 +88,32 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         Parses it safely, checks its structure, that it belongs to this directory's data
         files and that they exist with the sizes it and the checksums imply, and loads the
         checksums it vouches for -- all before DCP's planner sizes a single tensor from it.
+
+        DCP's loader replaces any exception from ``read_metadata`` with a bare
+        ``AssertionError`` carrying only its text. So when DCP's loader is the caller, a
+        failure is deferred: it gets an empty ``Metadata`` (nothing to plan from) and
+        ``set_up_storage_reader`` -- which DCP calls before acting on any item -- raises
+        the typed error, which DCP then reports as is.
         """
-        metadata = read_checkpoint_metadata(self.path, trust=self.trust_checkpoint)
-        self._check_metadata_matches_files(metadata)
+        try:
+            metadata = read_checkpoint_metadata(self.path, trust=self.trust_checkpoint)
+            self._check_metadata_matches_files(metadata)
+        except DataStatesError as exc:
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if not caller.startswith("torch.distributed.checkpoint."):
+                raise
+            placeholder = Metadata(state_dict_metadata={}, planner_data={}, storage_data={}, storage_meta=StorageMeta())
+            self._deferred_error = (id(placeholder), exc)
+            return placeholder
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        deferred = getattr(self, "_deferred_error", None)
+        if deferred is not None and deferred[0] == id(metadata):
+            self._deferred_error = None
+            raise deferred[1]
         if getattr(self, "_checked", None) != (self.path, id(metadata)):  # not from our read_metadata
             validate_metadata(metadata, str(self.path / METADATA_FILE), trust=self.trust_checkpoint)
             self._check_metadata_matches_files(metadata)
