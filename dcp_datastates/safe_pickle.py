@@ -5,8 +5,8 @@ one pickle per non-tensor object of the state dict. Stock DCP unpickles both wit
 restriction, so a planted ``__reduce__`` runs arbitrary code at load time. We load
 ``.metadata`` in two steps, both on bytes already in memory:
 
-1. **scan** every opcode (``pickletools.genops``, which never allocates what a length
-   field claims) and refuse pickles that could crash or stall the real unpickler:
+1. **scan** every opcode (checking each length field against the bytes that remain,
+   so nothing is allocated from a number in the file) and refuse pickles that could crash or stall the real unpickler:
    tuples nested deeper than :data:`MAX_NESTING` (hashing them recurses in C and
    overflows the stack), integers outside 64 bits (hash-collision floods), memo indexes
    beyond the file's size (the C unpickler allocates a memo table that large), and
@@ -26,7 +26,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import pickletools
 from collections import OrderedDict
 from typing import IO, Any
 
@@ -114,12 +113,20 @@ def _corrupt(source: str, what: str) -> CorruptCheckpointError:
     )
 
 
-_SCALAR_OPS = {
-    "INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4", "STRING", "BINSTRING", "SHORT_BINSTRING",
-    "BINBYTES", "SHORT_BINBYTES", "BINBYTES8", "BYTEARRAY8", "NEXT_BUFFER", "NONE", "NEWTRUE", "NEWFALSE",
-    "UNICODE", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "FLOAT", "BINFLOAT", "GLOBAL", "EXT1", "EXT2",
-    "EXT4", "PERSID",
-}
+# Opcode argument shapes (pickle protocols 0-5), for the scanner below.
+_FIXED = {ord(c): n for c, n in [("J", 4), ("K", 1), ("M", 2), ("h", 1), ("j", 4), ("q", 1), ("r", 4),
+                                 ("\x82", 1), ("\x83", 2), ("\x84", 4), ("\x80", 1), ("\x95", 8), ("G", 8)]}
+_COUNTED = {ord(c): (n, signed) for c, n, signed in [
+    ("U", 1, False), ("C", 1, False), ("\x8c", 1, False), ("\x8a", 1, False),
+    ("T", 4, True), ("B", 4, False), ("X", 4, False), ("\x8b", 4, True),
+    ("\x8e", 8, False), ("\x8d", 8, False), ("\x96", 8, False)]}
+_LINES = {ord(c): n for c, n in [("I", 1), ("L", 1), ("S", 1), ("V", 1), ("F", 1), ("g", 1), ("p", 1), ("P", 1),
+                                 ("c", 2), ("i", 2)]}
+_SCALARS = {ord(c) for c in "JKMIL\x8a\x8bSTUBC\x8e\x96\x97NV\x88\x89\x8cX\x8dFGc\x82\x83\x84P"}
+_EMPTY = {ord(c) for c in "]}\x8f)"}
+_TUPLE_N = {0x85: 1, 0x86: 2, 0x87: 3}
+_ARG_KIND = [1 if op in _FIXED else 2 if op in _COUNTED else 3 if op in _LINES else 0 for op in range(256)]
+_IS_SCALAR = [op in _SCALARS for op in range(256)]
 
 
 def scan_pickle(data: bytes, source: str) -> None:
@@ -128,119 +135,167 @@ def scan_pickle(data: bytes, source: str) -> None:
     A stack machine over the opcodes tracks, per value, ``[nesting, length, inner]``: its
     container depth, its direct element count and its elements' element counts (what a
     call like ``tuple(x)`` copies). Mutable containers share their cell through the memo,
-    as the objects do. Linear in the pickle's size.
+    as the objects do. Linear in the pickle's size, and checks every length field against
+    the bytes that remain -- nothing is allocated from a number in the file.
     """
-    budget = _COPY_BUDGET_PER_BYTE * len(data) + 4096
+    n = len(data)
+    budget = _COPY_BUDGET_PER_BYTE * n + 4096
     stack: list[list[int]] = []
     marks: list[list[list[int]]] = []
     memo: dict[int, list[int]] = {}
-    count = 0
+    i = count = pos = 0
 
-    def made(depth: int, length: int, inner: int) -> list[int]:
+    def fail(what: str) -> CorruptCheckpointError:
+        return _corrupt(source, f"{what} (byte {pos})")
+
+    def deep(depth: int) -> int:
         if depth > MAX_NESTING:
-            raise _corrupt(source, f"it nests containers more than {MAX_NESTING} levels deep (byte {pos})")
-        return [depth, length, inner]
+            raise fail(f"it nests containers more than {MAX_NESTING} levels deep")
+        return depth
 
     def pop_mark() -> list[list[int]]:
         nonlocal stack
+        if not marks:
+            raise fail("its pickle is malformed: no mark to pop to")
         items, stack = stack, marks.pop()
         return items
 
-    def spend(n: int) -> None:
-        nonlocal budget
-        budget -= n
-        if budget < 0:
-            raise _corrupt(source, f"it asks the unpickler to copy more elements than its {len(data)} bytes describe")
+    def check_int(value: int) -> None:
+        if not -(2**63) <= value < 2**63:
+            raise fail("an integer does not fit in 64 bits")
 
-    def grow(cell: list[int], items: list[list[int]], added: int) -> None:
-        depth = max([cell[0]] + [i[0] + 1 for i in items])
-        if depth > MAX_NESTING:
-            raise _corrupt(source, f"it nests containers more than {MAX_NESTING} levels deep (byte {pos})")
-        cell[0] = depth
-        cell[1] += added
-        cell[2] += sum(i[1] for i in items)
-
-    pos = 0
     try:
-        for op, arg, pos in pickletools.genops(data):
-            name = op.name
+        while True:
+            if i >= n:
+                raise fail("its pickle ends before its STOP opcode (truncated?)")
+            pos, op = i, data[i]
+            i += 1
             count += 1
-            if name in _SCALAR_OPS:
-                if name in ("INT", "LONG", "LONG1", "LONG4") and not isinstance(arg, bool) and not -(2**63) <= arg < 2**63:
-                    raise _corrupt(source, f"integer at byte {pos} does not fit in 64 bits")
+            kind = _ARG_KIND[op]
+            if kind == 0:
+                if op == 0x94:  # MEMOIZE: the most frequent opcode by far
+                    memo[len(memo)] = stack[-1]
+                    continue
+            elif kind == 1:
+                width = _FIXED[op]
+                if i + width > n:
+                    raise fail("its pickle is truncated inside an opcode")
+                if width == 1:
+                    arg = data[i]
+                else:
+                    arg = int.from_bytes(data[i : i + width], "little", signed=op == 0x4A or op == 0x84)
+                i += width
+                if op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
+                    stack.append(memo[arg])
+                    continue
+            elif kind == 2:
+                width, signed = _COUNTED[op]
+                if i + width > n:
+                    raise fail("its pickle is truncated inside a length field")
+                length = data[i] if width == 1 else int.from_bytes(data[i : i + width], "little", signed=signed)
+                i += width
+                if length < 0 or length > n - i:
+                    raise fail(f"a length field claims {length} bytes but only {n - i} remain (truncated?)")
+                if op == 0x8A or op == 0x8B:
+                    check_int(int.from_bytes(data[i : i + length], "little", signed=True) if length <= 9 else 2**64)
+                i += length
+                stack.append([0, 0, 0])  # every counted opcode pushes a string, bytes or int
+                continue
+            else:
+                start = i
+                for _ in range(_LINES[op]):
+                    end = data.find(b"\n", i)
+                    if end < 0:
+                        raise fail("its pickle is truncated inside a text argument")
+                    i = end + 1
+                if op in (0x49, 0x4C, 0x67, 0x70):  # INT, LONG, GET, PUT
+                    text = data[start : i - 1].rstrip(b"L")
+                    if text in (b"00", b"01"):
+                        text = text[1:]
+                    arg = int(text) if len(text) < 40 else 2**64
+                    if op in (0x49, 0x4C):
+                        check_int(arg)
+
+            if _IS_SCALAR[op]:
                 stack.append([0, 0, 0])
-            elif name in ("EMPTY_LIST", "EMPTY_DICT", "EMPTY_SET", "EMPTY_TUPLE"):
+            elif op == 0x67:  # GET
+                stack.append(memo[arg])
+            elif op == 0x71 or op == 0x72 or op == 0x70:  # BINPUT, LONG_BINPUT, PUT
+                if not 0 <= arg <= count:
+                    raise fail(f"memo index {arg} is beyond anything the file could store")
+                memo[arg] = stack[-1]
+            elif op in _EMPTY:
                 stack.append([1, 0, 0])
-            elif name == "MARK":
+            elif op == 0x28:  # MARK
                 marks.append(stack)
                 stack = []
-            elif name in ("TUPLE", "LIST", "DICT", "FROZENSET"):
-                items = pop_mark()
-                stack.append(made(1 + max((i[0] for i in items), default=0), len(items), sum(i[1] for i in items)))
-            elif name in ("TUPLE1", "TUPLE2", "TUPLE3"):
-                k = int(name[-1])
+            elif op in _TUPLE_N:
+                k = _TUPLE_N[op]
                 if len(stack) < k:
-                    raise IndexError
-                items, stack[-k:] = stack[-k:], []
-                stack.append(made(1 + max(i[0] for i in items), k, sum(i[1] for i in items)))
-            elif name == "APPEND":
-                item = stack.pop()
-                grow(stack[-1], [item], 1)
-            elif name == "SETITEM":
-                value, key = stack.pop(), stack.pop()
-                grow(stack[-1], [key, value], 1)
-            elif name in ("APPENDS", "SETITEMS", "ADDITEMS"):
+                    raise fail("its pickle is malformed: stack underflow")
+                items = stack[-k:]
+                del stack[-k:]
+                stack.append([deep(1 + max(c[0] for c in items)), k, sum(c[1] for c in items)])
+            elif op in (0x74, 0x6C, 0x64, 0x91):  # TUPLE, LIST, DICT, FROZENSET
                 items = pop_mark()
-                grow(stack[-1], items, len(items))
-            elif name == "POP":
+                stack.append([deep(1 + max((c[0] for c in items), default=0)), len(items), sum(c[1] for c in items)])
+            elif op in (0x65, 0x75, 0x90, 0x61, 0x73):  # APPENDS, SETITEMS, ADDITEMS, APPEND, SETITEM
+                if op == 0x61:
+                    items = [stack.pop()]
+                elif op == 0x73:
+                    items = [stack.pop(), stack.pop()]
+                else:
+                    items = pop_mark()
+                cell = stack[-1]
+                cell[0] = deep(max([cell[0]] + [c[0] + 1 for c in items]))
+                cell[1] += len(items)
+                cell[2] += sum(c[1] for c in items)
+            elif op in (0x52, 0x81):  # REDUCE, NEWOBJ
+                args = stack.pop()
+                stack.pop()
+                budget -= args[2]
+                stack.append([deep(args[0] + 1), 0, 0])
+            elif op == 0x62:  # BUILD
+                state = stack.pop()
+                budget -= state[1] + state[2]
+                cell = stack[-1]
+                cell[0] = deep(max(cell[0], state[0] + 1))
+            elif op == 0x93:  # STACK_GLOBAL
+                stack.pop()
+                stack[-1] = [0, 0, 0]
+            elif op == 0x92:  # NEWOBJ_EX
+                kwargs, args = stack.pop(), stack.pop()
+                stack.pop()
+                budget -= args[2] + kwargs[1] + kwargs[2]
+                stack.append([deep(max(args[0], kwargs[0]) + 1), 0, 0])
+            elif op in (0x6F, 0x69):  # OBJ, INST
+                items = pop_mark()
+                budget -= sum(c[1] for c in items)
+                stack.append([deep(1 + max((c[0] for c in items), default=0)), 0, 0])
+            elif op == 0x30:  # POP
                 if stack:
                     stack.pop()
                 else:
                     pop_mark()
-            elif name == "POP_MARK":
+            elif op == 0x31:  # POP_MARK
                 pop_mark()
-            elif name == "DUP":
+            elif op == 0x32:  # DUP
                 stack.append(stack[-1])
-            elif name in ("GET", "BINGET", "LONG_BINGET"):
-                stack.append(memo[arg])
-            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
-                if not 0 <= arg <= count:
-                    raise _corrupt(source, f"memo index {arg} at byte {pos} is beyond anything the file could store")
-                memo[arg] = stack[-1]
-            elif name == "MEMOIZE":
-                memo[len(memo)] = stack[-1]
-            elif name == "STACK_GLOBAL":
-                stack.pop(), stack.pop()
-                stack.append([0, 0, 0])
-            elif name in ("REDUCE", "NEWOBJ"):
-                args, _ = stack.pop(), stack.pop()
-                spend(args[2])
-                stack.append(made(args[0] + 1, 0, 0))
-            elif name == "NEWOBJ_EX":
-                kwargs, args, _ = stack.pop(), stack.pop(), stack.pop()
-                spend(args[2] + kwargs[2] + kwargs[1])
-                stack.append(made(max(args[0], kwargs[0]) + 1, 0, 0))
-            elif name in ("OBJ", "INST"):
-                items = pop_mark()
-                spend(sum(i[1] for i in items))
-                stack.append(made(1 + max((i[0] for i in items), default=0), 0, 0))
-            elif name == "BUILD":
-                state = stack.pop()
-                spend(state[1] + state[2])
-                grow(stack[-1], [state], 0)
-            elif name == "BINPERSID":
+            elif op == 0x51:  # BINPERSID
                 stack[-1] = [0, 0, 0]
-            elif name in ("PROTO", "FRAME", "READONLY_BUFFER"):
+            elif op in (0x80, 0x95, 0x98):  # PROTO, FRAME, READONLY_BUFFER
                 pass
-            elif name == "STOP":
+            elif op == 0x2E:  # STOP
                 stack.pop()
-            else:  # pragma: no cover - every opcode of pickle protocol 5 is handled above
-                raise _corrupt(source, f"unsupported opcode {name} at byte {pos}")
+                return
+            else:
+                raise fail(f"its pickle holds an unknown opcode 0x{op:02x}")
+            if budget < 0:
+                raise fail(f"it asks the unpickler to copy more elements than its {n} bytes describe")
     except CorruptCheckpointError:
         raise
-    except (ValueError, IndexError, KeyError, TypeError) as exc:
-        detail = str(exc) or type(exc).__name__
-        raise _corrupt(source, f"its pickle is malformed at byte {pos} ({detail})") from exc
+    except (IndexError, KeyError, ValueError) as exc:
+        raise fail(f"its pickle is malformed ({type(exc).__name__})") from exc
 
 
 def load_metadata_bytes(data: bytes, source: str, trust: bool) -> Any:

@@ -423,7 +423,7 @@ def test_malformed_metadata_gives_one_typed_error_in_bounded_time_and_memory(tmp
         assert kind == "CorruptCheckpointError", (name, kind, message)
         assert ".metadata" in message, (name, message)
         assert seconds < 20 and rss_kib < 512 * 1024, (name, seconds, rss_kib)
-    assert "bytes in a bytes8, but only 3 remain" in results["claims 1 TiB"][1]
+    assert "a length field claims 1099511627776 bytes but only 3 remain" in results["claims 1 TiB"][1]
     assert "more than 100 levels deep" in results["deep tuples"][1]
     assert "is empty (0 bytes)" in results["empty"][1]
     assert "not an integer in [0," in results["negative offset"][1]
@@ -470,7 +470,7 @@ def test_metadata_check_and_read_planning_are_linear_in_records():
     from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
     timings = {}
-    for n in (20_000, 200_000):
+    for n in (10_000, 100_000):
         metadata = _many_records(n)
         data = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
         start = time.perf_counter()
@@ -486,8 +486,8 @@ def test_metadata_check_and_read_planning_are_linear_in_records():
         timings[n] = time.perf_counter() - start
         assert sum(len(w.items) for w in windows) == n
     # 10x the records may cost at most ~25x the time (linear plus noise on a shared 2-core machine), and
-    # 200k records plan in seconds, not the minutes a quadratic planner took
-    assert timings[200_000] < 25 * timings[20_000] + 1.0 and timings[200_000] < 60, timings
+    # 100k records plan in seconds, not the minutes a quadratic planner took
+    assert timings[100_000] < 25 * timings[10_000] + 1.0 and timings[100_000] < 60, timings
 
 
 # -- issue 17.2: a flipped bit in a saved non-tensor object is caught, naming the key --------------
