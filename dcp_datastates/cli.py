@@ -118,6 +118,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from dcp_datastates.verify import DAMAGED, VERIFIED, planned_bytes, verify_checkpoint
 
     quiet = args.no_progress or args.json
+    read_checkpoint_metadata(args.path, trust=args.trust)  # an unusable checkpoint fails before any progress bar
     total = 0 if quiet else planned_bytes(args.path, trust=args.trust)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=quiet, file=sys.stderr) as bar:
