@@ -99,8 +99,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             metadata = read_checkpoint_metadata(self.path, trust=self.trust_checkpoint)
             self._check_metadata_matches_files(metadata)
         except DataStatesError as exc:
-            caller = sys._getframe(1).f_globals.get("__name__", "")
-            if not caller.startswith("torch.distributed.checkpoint."):
+            if sys._getframe(1).f_globals.get("__name__") != "torch.distributed.checkpoint.state_dict_loader":
                 raise
             placeholder = Metadata(state_dict_metadata={}, planner_data={}, storage_data={}, storage_meta=StorageMeta())
             self._deferred_error = (id(placeholder), exc)
