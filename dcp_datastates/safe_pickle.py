@@ -26,12 +26,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import zipfile
 from collections import OrderedDict
 from typing import IO, Any
 
 import torch
 
-from dcp_datastates.errors import CorruptCheckpointError, UnsafeCheckpointError
+from dcp_datastates.errors import ChecksumMismatchError, CorruptCheckpointError, UnsafeCheckpointError
 
 #: Deepest nesting of containers a ``.metadata`` may build (real ones stay below 15).
 MAX_NESTING = 100
@@ -109,7 +110,7 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 def _corrupt(source: str, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(
-        f"{source} is damaged or not a DCP metadata file: {what}. Restore it from a copy or load another checkpoint."
+        f"{source} is damaged: {what}. Restore it from a copy or load another checkpoint."
     )
 
 
@@ -129,7 +130,7 @@ _ARG_KIND = [1 if op in _FIXED else 2 if op in _COUNTED else 3 if op in _LINES e
 _IS_SCALAR = [op in _SCALARS for op in range(256)]
 
 
-def scan_pickle(data: bytes, source: str) -> None:
+def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
     """Refuse a pickle the C unpickler could crash, stall or exhaust memory on (see the module docstring).
 
     A stack machine over the opcodes tracks, per value, ``[nesting, length, inner]``: its
@@ -161,7 +162,7 @@ def scan_pickle(data: bytes, source: str) -> None:
         return items
 
     def check_int(value: int) -> None:
-        if not -(2**63) <= value < 2**63:
+        if int_limit and not -(2**63) <= value < 2**63:
             raise fail("an integer does not fit in 64 bits")
 
     try:
@@ -212,7 +213,7 @@ def scan_pickle(data: bytes, source: str) -> None:
                     text = data[start : i - 1].rstrip(b"L")
                     if text in (b"00", b"01"):
                         text = text[1:]
-                    arg = int(text) if len(text) < 40 else 2**64
+                    arg = int(text) if len(text) < 40 or not int_limit else 2**64
                     if op in (0x49, 0x4C):
                         check_int(arg)
 
@@ -326,8 +327,45 @@ def load_metadata(stream: IO[bytes], trust: bool, source: str = ".metadata") -> 
     return load_metadata_bytes(stream.read(), source, trust)
 
 
+def _object_pickle(payload: bytes | memoryview, where: str) -> bytes:
+    """The ``data.pkl`` of a ``torch.save`` archive, after checking the archive cannot inflate.
+
+    ``torch.load`` trusts the zip directory's sizes; a hostile record could claim a huge
+    compressed member. DCP and we write stored (uncompressed) members only.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(bytes(payload)))
+        members = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+        raise CorruptCheckpointError(f"{where} is not a torch.save archive ({exc}); the checkpoint is damaged") from exc
+    for member in members:
+        if member.compress_type != zipfile.ZIP_STORED or member.file_size > len(payload):
+            raise CorruptCheckpointError(
+                f"{where} holds a compressed or oversized archive member {member.filename!r}; the checkpoint is damaged"
+            )
+    pickles = [m for m in members if m.filename.endswith("/data.pkl") or m.filename == "data.pkl"]
+    if len(pickles) != 1:
+        raise CorruptCheckpointError(f"{where} is not a torch.save archive (no single data.pkl); the checkpoint is damaged")
+    try:
+        return archive.read(pickles[0])
+    except zipfile.BadZipFile as exc:
+        if "CRC" in str(exc):  # the archive's own checksum: these bytes are not the ones torch.save wrote
+            raise ChecksumMismatchError(
+                f"{where}: its archive's CRC-32 does not match its bytes (they were changed); the checkpoint is damaged"
+            ) from exc
+        raise CorruptCheckpointError(f"{where} is damaged ({exc})") from exc
+    except (ValueError, OSError, EOFError) as exc:
+        raise CorruptCheckpointError(f"{where} is damaged ({exc})") from exc
+
+
 def check_object_record(payload: bytes | memoryview, key: str, relative_path: str, offset: int) -> None:
-    """Raise unless the object record unpickles with ``torch.load(weights_only=True)``."""
+    """Raise unless the object record is a sound ``torch.save`` archive that ``torch.load(weights_only=True)`` accepts.
+
+    Its pickle is scanned first (as ``.metadata`` is, bar the 64-bit integer limit: user
+    objects may hold big integers), so it cannot crash or stall the unpickler either.
+    """
+    where = f"object {key!r} ({relative_path} at offset {offset}, {len(payload)} bytes)"
+    scan_pickle(_object_pickle(payload, where), where, int_limit=False)
     try:
         torch.load(io.BytesIO(payload), weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -339,7 +377,5 @@ def check_object_record(payload: bytes | memoryview, key: str, relative_path: st
     except Exception as exc:  # noqa: BLE001 - damaged bytes: one typed error naming the record
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CorruptCheckpointError(
-            f"object {key!r} ({relative_path} at offset {offset}, {len(payload)} bytes) cannot be decoded "
-            f"({type(exc).__name__}: {detail[:200]}); the checkpoint is damaged"
+            f"{where} cannot be decoded ({type(exc).__name__}: {detail[:200]}); the checkpoint is damaged"
         ) from exc
-

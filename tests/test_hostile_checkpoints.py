@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pickle
+import shutil
 import struct
 import subprocess
 import sys
@@ -502,8 +503,12 @@ def test_flipped_bit_in_a_saved_object_fails_the_load_naming_the_key(tmp_path):
     err = load_error(ckpt)
     assert isinstance(err, ChecksumMismatchError), repr(err)
     assert f"checksum mismatch in {info.relative_path}" in str(err) and "'step'" in str(err)
-    # without verification the flipped bit loads silently as a wrong number: what the check prevents
-    assert load(ckpt, verify_checksums=False)["step"] == 12344
+    # without our checksums, the archive's own CRC-32 still refuses it (torch.load alone would not: it
+    # loads the flipped bit silently as 12344)
+    err = load_error(ckpt, verify_checksums=False)
+    assert isinstance(err, ChecksumMismatchError) and "CRC-32 does not match" in str(err) and "'step'" in str(err)
+    assert torch.load(io.BytesIO((ckpt / info.relative_path).read_bytes()[info.offset : info.offset + info.length]),
+                      weights_only=True) == 12344
     done = run_cli("verify", str(ckpt), "--json")
     (problem,) = json.loads(done.stdout)["problems"]
     assert done.returncode == 1 and problem["keys"] == ["step"] and problem["file"] == info.relative_path
@@ -518,3 +523,52 @@ def test_missing_data_file_and_short_file_are_named(tmp_path):
     data.unlink()
     err = load_error(ckpt)
     assert isinstance(err, CheckpointIOError) and f"data file '{data.name}'" in str(err) and "is missing" in str(err)
+
+
+def test_hostile_object_record_cannot_crash_or_inflate_the_loader(tmp_path):
+    """An object record whose pickle nests 1M tuples (hashing it would overflow the C stack) or whose
+    archive claims a compressed member: refused by name. In a subprocess, since a miss would crash."""
+    import zipfile
+
+    ckpt = save(tmp_path / "c")
+    info = record_of(ckpt, "step")
+    original = (ckpt / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
+    names = zipfile.ZipFile(io.BytesIO(original)).namelist()
+    deep = b"\x80\x02}" + b")" + b"\x85" * 1_000_000 + b"Ns."
+    variants = {}
+    for name, compress in (("deep", zipfile.ZIP_STORED), ("deflated", zipfile.ZIP_DEFLATED)):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", compression=compress) as z:
+            for member in names:
+                z.writestr(member, deep if member.endswith("data.pkl") else zipfile.ZipFile(io.BytesIO(original)).read(member))
+        variants[name] = buffer.getvalue()
+    variants["not a zip"] = b"\x80\x02K\x07."
+    for name, record in variants.items():
+        work = tmp_path / name.replace(" ", "_")
+        shutil.copytree(ckpt, work)
+        (work / info.relative_path).write_bytes(record)
+
+        def point_at_it(metadata, length=len(record)):
+            target = next(i for idx, i in metadata.storage_data.items() if idx.fqn == "step")
+            target.offset, target.length = 0, length
+
+        rewrite_metadata(work, point_at_it, reseal=False)
+    script = textwrap.dedent(f"""
+        import pathlib, torch, torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
+        from dcp_datastates import DataStatesReader
+        for name in ("deep", "deflated", "not_a_zip"):
+            out = {{"w": torch.zeros(3000), "b": torch.zeros(7, dtype=torch.int64), "step": 0}}
+            try:
+                dcp.load(out, storage_reader=DataStatesReader(pathlib.Path({str(tmp_path)!r}) / name, verify_checksums=False), no_dist=True)
+                print(name, "LOADED")
+            except CheckpointException as exc:
+                (failure,) = exc.failures.values()
+                print(name, type(failure[0]).__name__, str(failure[0])[:160])
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.strip().splitlines())
+    assert lines["deep"].startswith("CorruptCheckpointError object 'step'") and "100 levels deep" in lines["deep"], lines
+    assert lines["deflated"].startswith("CorruptCheckpointError object 'step'") and "compressed" in lines["deflated"], lines
+    assert lines["not_a_zip"].startswith("CorruptCheckpointError object 'step'") and "not a torch.save archive" in lines["not_a_zip"]
