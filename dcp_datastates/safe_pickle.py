@@ -126,6 +126,8 @@ _LINES = {ord(c): n for c, n in [("I", 1), ("L", 1), ("S", 1), ("V", 1), ("F", 1
 _SCALARS = {ord(c) for c in "JKMIL\x8a\x8bSTUBC\x8e\x96\x97NV\x88\x89\x8cX\x8dFGc\x82\x83\x84P"}
 _EMPTY = {ord(c) for c in "]}\x8f)"}
 _TUPLE_N = {0x85: 1, 0x86: 2, 0x87: 3}
+_LEAF = (0, 0, 0)  # immutable values share one cell; containers get their own (mutable) cell
+_LEAF_TUPLE = (1, 0, 0)
 _ARG_KIND = [1 if op in _FIXED else 2 if op in _COUNTED else 3 if op in _LINES else 0 for op in range(256)]
 _IS_SCALAR = [op in _SCALARS for op in range(256)]
 
@@ -144,7 +146,7 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
     stack: list[list[int]] = []
     marks: list[list[list[int]]] = []
     memo: dict[int, list[int]] = {}
-    i = count = pos = 0
+    i = pos = 0
 
     def fail(what: str) -> CorruptCheckpointError:
         return _corrupt(source, f"{what} (byte {pos})")
@@ -169,9 +171,29 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
         while True:
             if i >= n:
                 raise fail("its pickle ends before its STOP opcode (truncated?)")
-            pos, op = i, data[i]
+            op = data[i]
+            # the four most frequent opcodes of DCP metadata, without the general machinery
+            if op == 0x94:  # MEMOIZE
+                memo[len(memo)] = stack[-1]
+                i += 1
+                continue
+            if op == 0x68:  # BINGET
+                stack.append(memo[data[i + 1]])
+                i += 2
+                continue
+            if op == 0x8C:  # SHORT_BINUNICODE
+                i += 2 + data[i + 1]
+                if i > n:
+                    pos = i
+                    raise fail("its pickle is truncated inside a string")
+                stack.append(_LEAF)
+                continue
+            if op == 0x29:  # EMPTY_TUPLE
+                stack.append(_LEAF_TUPLE)
+                i += 1
+                continue
+            pos = i
             i += 1
-            count += 1
             kind = _ARG_KIND[op]
             if kind == 0:
                 if op == 0x94:  # MEMOIZE: the most frequent opcode by far
@@ -200,7 +222,7 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
                 if op == 0x8A or op == 0x8B:
                     check_int(int.from_bytes(data[i : i + length], "little", signed=True) if length <= 9 else 2**64)
                 i += length
-                stack.append([0, 0, 0])  # every counted opcode pushes a string, bytes or int
+                stack.append(_LEAF)  # every counted opcode pushes a string, bytes or int
                 continue
             else:
                 start = i
@@ -218,11 +240,11 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
                         check_int(arg)
 
             if _IS_SCALAR[op]:
-                stack.append([0, 0, 0])
+                stack.append(_LEAF)
             elif op == 0x67:  # GET
                 stack.append(memo[arg])
             elif op == 0x71 or op == 0x72 or op == 0x70:  # BINPUT, LONG_BINPUT, PUT
-                if not 0 <= arg <= count:
+                if not 0 <= arg <= i:
                     raise fail(f"memo index {arg} is beyond anything the file could store")
                 memo[arg] = stack[-1]
             elif op in _EMPTY:
@@ -263,7 +285,7 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
                 cell[0] = deep(max(cell[0], state[0] + 1))
             elif op == 0x93:  # STACK_GLOBAL
                 stack.pop()
-                stack[-1] = [0, 0, 0]
+                stack[-1] = _LEAF
             elif op == 0x92:  # NEWOBJ_EX
                 kwargs, args = stack.pop(), stack.pop()
                 stack.pop()
@@ -283,7 +305,7 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
             elif op == 0x32:  # DUP
                 stack.append(stack[-1])
             elif op == 0x51:  # BINPERSID
-                stack[-1] = [0, 0, 0]
+                stack[-1] = _LEAF
             elif op in (0x80, 0x95, 0x98):  # PROTO, FRAME, READONLY_BUFFER
                 pass
             elif op == 0x2E:  # STOP
@@ -295,7 +317,7 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
                 raise fail(f"it asks the unpickler to copy more elements than its {n} bytes describe")
     except CorruptCheckpointError:
         raise
-    except (IndexError, KeyError, ValueError) as exc:
+    except (IndexError, KeyError, ValueError, TypeError) as exc:  # TypeError: a value used as a container
         raise fail(f"its pickle is malformed ({type(exc).__name__})") from exc
 
 
