@@ -27,6 +27,8 @@ import io
 import os
 import pickle
 import zipfile
+from collections.abc import Callable
+from enum import Enum
 from collections import OrderedDict
 from typing import IO, Any
 
@@ -60,17 +62,27 @@ def _layout(name: object) -> torch.layout:
     return layouts[name]
 
 
+def _enum_lookup(kind: type[Enum]) -> Callable[[object], Enum]:
+    """An enum class as a plain function: ``REDUCE`` can look a member up, ``NEWOBJ`` cannot get at it."""
+
+    def lookup(value: object) -> Enum:
+        return kind(value)
+
+    return lookup
+
+
 def _allowed() -> dict[tuple[str, str], Any]:
     """Every global a ``.metadata`` of DCP (ours or stock) may name, as exact pairs."""
     from torch.distributed.checkpoint import filesystem, metadata, planner
 
     allowed: dict[tuple[str, str], Any] = {}
     for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
-                 "ChunkStorageMetadata", "TensorProperties", "_MEM_FORMAT_ENCODING"):
+                 "ChunkStorageMetadata", "TensorProperties"):
         allowed["torch.distributed.checkpoint.metadata", name] = getattr(metadata, name)
+    allowed["torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"] = _enum_lookup(metadata._MEM_FORMAT_ENCODING)
     allowed["torch.distributed.checkpoint.filesystem", "_StorageInfo"] = filesystem._StorageInfo
     for name in ("WriteItemType", "LoadItemType"):
-        allowed["torch.distributed.checkpoint.planner", name] = getattr(planner, name)
+        allowed["torch.distributed.checkpoint.planner", name] = _enum_lookup(getattr(planner, name))
     allowed["torch.serialization", "_get_layout"] = _layout
     allowed["torch", "Size"] = torch.Size
     for name, value in vars(torch).items():
@@ -277,11 +289,15 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
                 args = stack.pop()
                 stack.pop()
                 budget -= args[2]
-                stack.append([deep(args[0] + 1), 0, 0])
+                # only a fresh instance (NEWOBJ) may receive BUILD: a call may return a shared object
+                # (an enum member, a layout), and BUILD on it would rewrite process-wide state
+                stack.append([deep(args[0] + 1), 0, 0, op == 0x81])
             elif op == 0x62:  # BUILD
                 state = stack.pop()
                 budget -= state[1] + state[2]
                 cell = stack[-1]
+                if len(cell) < 4 or not cell[3]:
+                    raise fail("it sets the state of an object it did not create (BUILD on a shared object)")
                 cell[0] = deep(max(cell[0], state[0] + 1))
             elif op == 0x93:  # STACK_GLOBAL
                 stack.pop()
@@ -290,11 +306,11 @@ def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
                 kwargs, args = stack.pop(), stack.pop()
                 stack.pop()
                 budget -= args[2] + kwargs[1] + kwargs[2]
-                stack.append([deep(max(args[0], kwargs[0]) + 1), 0, 0])
+                stack.append([deep(max(args[0], kwargs[0]) + 1), 0, 0, True])
             elif op in (0x6F, 0x69):  # OBJ, INST
                 items = pop_mark()
                 budget -= sum(c[1] for c in items)
-                stack.append([deep(1 + max((c[0] for c in items), default=0)), 0, 0])
+                stack.append([deep(1 + max((c[0] for c in items), default=0)), 0, 0, True])
             elif op == 0x30:  # POP
                 if stack:
                     stack.pop()

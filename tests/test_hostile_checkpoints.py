@@ -572,3 +572,34 @@ def test_hostile_object_record_cannot_crash_or_inflate_the_loader(tmp_path):
     assert lines["deep"].startswith("CorruptCheckpointError object 'step'") and "100 levels deep" in lines["deep"], lines
     assert lines["deflated"].startswith("CorruptCheckpointError object 'step'") and "compressed" in lines["deflated"], lines
     assert lines["not_a_zip"].startswith("CorruptCheckpointError object 'step'") and "not a torch.save archive" in lines["not_a_zip"]
+
+
+def _short_str(text: str) -> bytes:
+    raw = text.encode()
+    return b"\x8c" + bytes([len(raw)]) + raw
+
+
+def test_allowed_objects_cannot_be_rewritten_process_wide():
+    """BUILD (setstate) on a shared object -- an enum member a call returned, a class -- would change it for
+    the whole process (torch's own enums, DCP's dataclasses). Refused; the objects stay as they were."""
+    from torch.distributed.checkpoint.metadata import Metadata
+    from torch.distributed.checkpoint.planner import LoadItemType
+
+    from dcp_datastates.safe_pickle import load_metadata_bytes
+
+    planner, metadata = "torch.distributed.checkpoint.planner", "torch.distributed.checkpoint.metadata"
+    enum_member = (b"\x80\x04" + _short_str(planner) + _short_str("LoadItemType") + b"\x93K\x01\x85R"
+                   + b"}" + _short_str("_name_") + _short_str("EVIL") + b"sb.")
+    enum_new = (b"\x80\x04" + _short_str(planner) + _short_str("LoadItemType") + b"\x93K\x01\x85\x81"
+                + b"}" + _short_str("_name_") + _short_str("EVIL") + b"sb.")
+    a_class = (b"\x80\x04" + _short_str(metadata) + _short_str("Metadata") + b"\x93"
+               + b"N}" + _short_str("__repr__") + _short_str(metadata) + _short_str("MetadataIndex") + b"\x93s\x86b.")
+    original_name, original_repr = LoadItemType(1)._name_, vars(Metadata).get("__repr__")
+    for name, data in {"enum member": enum_member, "enum via NEWOBJ": enum_new, "class": a_class}.items():
+        with pytest.raises(CorruptCheckpointError, match=r"is damaged: (it sets the state of an object it did not create|its pickle is malformed)|unpickling failed"):
+            load_metadata_bytes(data, "x/.metadata", trust=False)
+    assert LoadItemType(1)._name_ == original_name and vars(Metadata).get("__repr__") is original_repr
+    try:  # what plain pickle does with the first one: torch's enum member renamed for the whole process
+        assert pickle.loads(enum_member) is LoadItemType(1) and LoadItemType(1).name == "EVIL"
+    finally:
+        LoadItemType(1)._name_ = original_name
