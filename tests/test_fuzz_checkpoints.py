@@ -24,7 +24,6 @@ import json
 import os
 import pickle
 import pickletools
-import random
 import shutil
 import sys
 import threading
