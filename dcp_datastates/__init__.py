@@ -7,12 +7,20 @@
     dcp.load(state, storage_reader=DataStatesReader(path))
 """
 
-from dcp_datastates.config import DataStatesConfig
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one source of truth: the installed package's metadata (pyproject.toml's version)
+    __version__ = version("dcp-datastates")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+from dcp_datastates.config import DataStatesConfig  # noqa: E402
 from dcp_datastates.errors import (
     CheckpointExistsError,
     CheckpointIOError,
     CheckpointPathError,
     ChecksumMismatchError,
+    CorruptCheckpointError,
     DataStatesError,
     IncompleteCheckpointError,
     MissingKeysError,
@@ -24,10 +32,12 @@ from dcp_datastates.reader import DataStatesReader
 from dcp_datastates.writer import DataStatesWriter
 
 __all__ = [
+    "__version__",
     "CheckpointExistsError",
     "CheckpointIOError",
     "CheckpointPathError",
     "ChecksumMismatchError",
+    "CorruptCheckpointError",
     "DataStatesConfig",
     "DataStatesError",
     "DataStatesLoadPlanner",

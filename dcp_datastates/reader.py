@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -25,16 +26,24 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from dcp_datastates.checksums import FileChecksums, keys_overlapping, load_checksums
+from dcp_datastates.checksums import FileChecksums, keys_overlapping
 from dcp_datastates.commit import METADATA_FILE
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import (
     CheckpointIOError,
     CheckpointPathError,
     ChecksumMismatchError,
+    DataStatesError,
     IncompleteCheckpointError,
 )
-from dcp_datastates.safe_pickle import check_object_record, load_metadata
+from dcp_datastates.metadata_check import (
+    ChecksumSet,
+    data_file_problems,
+    load_verified_checksums,
+    read_checkpoint_metadata,
+    validate_metadata,
+)
+from dcp_datastates.safe_pickle import check_object_record
 
 #: Largest read issued at once; records are gathered up to this size per read.
 READ_WINDOW_BYTES = 64 * 1024**2
@@ -74,34 +83,48 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
 
     # -- read plan ---------------------------------------------------------------------------
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if not self.path.exists():
-            raise CheckpointPathError(f"checkpoint path {str(self.path)!r} does not exist")
-        if not self.path.is_dir():
-            raise CheckpointPathError(f"checkpoint path {str(self.path)!r} is a file; DCP checkpoints are directories")
-        metadata_path = self.path / METADATA_FILE
-        if not metadata_path.is_file():
-            raise IncompleteCheckpointError(
-                f"{str(self.path)!r} is not a complete checkpoint: it has no {METADATA_FILE} file. A save into it "
-                "failed or is still running, or this is not a checkpoint directory; load an earlier checkpoint."
-            )
-        with open(metadata_path, "rb") as f:
-            metadata = load_metadata(f, trust=self.trust_checkpoint)
-        if not isinstance(metadata, Metadata):
-            raise IncompleteCheckpointError(f"{metadata_path} does not hold DCP Metadata (got {type(metadata).__name__})")
+        """The checked ``.metadata`` (see ``metadata_check``): nothing in it is acted on before this.
+
+        Parses it safely, checks its structure, that it belongs to this directory's data
+        files and that they exist with the sizes it and the checksums imply, and loads the
+        checksums it vouches for -- all before DCP's planner sizes a single tensor from it.
+
+        DCP's loader replaces any exception from ``read_metadata`` with a bare
+        ``AssertionError`` carrying only its text. So when DCP's loader is the caller, a
+        failure is deferred: it gets an empty ``Metadata`` (nothing to plan from) and
+        ``set_up_storage_reader`` -- which DCP calls before acting on any item -- raises
+        the typed error, which DCP then reports as is.
+        """
+        try:
+            metadata = read_checkpoint_metadata(self.path, trust=self.trust_checkpoint)
+            self._check_metadata_matches_files(metadata)
+        except DataStatesError as exc:
+            if sys._getframe(1).f_globals.get("__name__") != "torch.distributed.checkpoint.state_dict_loader":
+                raise
+            placeholder = Metadata(state_dict_metadata={}, planner_data={}, storage_data={}, storage_meta=StorageMeta())
+            self._deferred_error = (id(placeholder), exc)
+            return placeholder
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        if metadata.storage_data is None:
-            raise IncompleteCheckpointError(f"{self.path / METADATA_FILE} has no storage_data: not a file-system checkpoint")
+        deferred = getattr(self, "_deferred_error", None)
+        if deferred is not None and deferred[0] == id(metadata):
+            self._deferred_error = None
+            raise deferred[1]
+        if getattr(self, "_checked", None) != (self.path, id(metadata)):  # not from our read_metadata
+            validate_metadata(metadata, str(self.path / METADATA_FILE), trust=self.trust_checkpoint)
+            self._check_metadata_matches_files(metadata)
         self.storage_data = metadata.storage_data
-        self._check_metadata_matches_files()
-        self.checksums = load_checksums(self.path) if self.verify_checksums else {}
 
-    def _check_metadata_matches_files(self) -> None:
-        """A ``.metadata`` copied from another checkpoint references files this directory lacks."""
-        referenced = {info.relative_path for info in self.storage_data.values()}
+    def _check_metadata_matches_files(self, metadata: Metadata) -> None:
+        """Refuse a ``.metadata`` that does not describe this directory's files; load the checksums it vouches for.
+
+        A ``.metadata`` copied from another checkpoint references files this directory
+        lacks; a damaged or tampered checksum file, or data file of the wrong size, is named.
+        """
+        referenced = {info.relative_path for info in metadata.storage_data.values()}
         present = {p.name for p in self.path.iterdir() if p.name.endswith(".distcp")}
         if referenced and present and not referenced & present:
             raise IncompleteCheckpointError(
@@ -109,6 +132,12 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 f"{sorted(referenced)[:3]}, the directory holds {sorted(present)[:3]}. Was .metadata copied from "
                 "another checkpoint? Restore the matching .metadata or load the checkpoint it came from."
             )
+        checksums = load_verified_checksums(self.path, metadata) if self.verify_checksums else ChecksumSet()
+        problems = checksums.problems or data_file_problems(self.path, metadata, checksums.files)
+        if problems:
+            raise problems[0].exception()
+        self.checksums = checksums.files
+        self._checked = (self.path, id(metadata))
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
         return plan

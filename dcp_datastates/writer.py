@@ -42,6 +42,7 @@ from dcp_datastates.commit import (
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import CheckpointExistsError
+from dcp_datastates.metadata_check import expected_checksum_files, seal_metadata
 from dcp_datastates.planner import DataStatesSavePlanner, plan_layout
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotResult
 
@@ -239,6 +240,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         metadata.storage_data = storage_data
         metadata.storage_meta = self.storage_meta()
         metadata.version = "1.0.0"
+        # Fail closed: seal .metadata's own digest and each checksum side file's SHA-256 into it.
+        seal_metadata(metadata, self.path, expected_checksum_files(self.path, {i.relative_path for i in storage_data.values()}))
         commit_metadata(self.path, metadata, self.save_id[:8], fsync=self.config.fsync)
         referenced = {info.relative_path for info in storage_data.values()}
         remove_stale_files(self.path, keep=referenced | {checksum_file_name(_prefix_of(name)) for name in referenced})

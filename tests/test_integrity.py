@@ -119,7 +119,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_verify_ok_then_corrupt(tmp_path):
     save(tmp_path / "c", {"a": torch.randn(3000), "b": torch.randn(50), "step": 3})
     ok = run_cli("verify", str(tmp_path / "c"))
-    assert ok.returncode == 0 and ok.stdout.startswith("OK: 2 files"), ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stdout.startswith("VERIFIED: 2 files"), ok.stdout + ok.stderr
     offset = flip_byte_inside(tmp_path / "c", "a")
     bad = run_cli("verify", str(tmp_path / "c"), "--json")
     assert bad.returncode == 1
@@ -129,7 +129,7 @@ def test_cli_verify_ok_then_corrupt(tmp_path):
     assert problem["file"] == data_file(tmp_path / "c").name and problem["keys"] == ["a"]
     assert problem["offset"] <= offset < problem["offset"] + problem["length"]
     text = run_cli("verify", str(tmp_path / "c"), "--no-progress")
-    assert text.returncode == 1 and "CORRUPT" in text.stdout and "'a'" in text.stdout
+    assert text.returncode == 1 and "CORRUPT" in text.stdout and "'a'" in text.stdout and "DAMAGED (1 problem)" in text.stdout
 
 
 def test_cli_verify_reports_missing_files_and_unverified_stock_checkpoints(tmp_path):
@@ -139,7 +139,7 @@ def test_cli_verify_reports_missing_files_and_unverified_stock_checkpoints(tmp_p
     assert missing.returncode == 1 and "file is missing" in missing.stdout
     dcp.save({"a": torch.randn(100)}, storage_writer=dcp.FileSystemWriter(tmp_path / "stock"), no_dist=True)
     stock = run_cli("verify", str(tmp_path / "stock"), "--no-progress")
-    assert stock.returncode == 0 and "unverified" in stock.stdout
+    assert stock.returncode == 3 and "UNVERIFIED (saved without checksums)" in stock.stdout, stock.stdout
     not_ckpt = run_cli("verify", str(tmp_path))
     assert not_ckpt.returncode == 2 and "not a complete checkpoint" in not_ckpt.stderr
 
@@ -150,7 +150,7 @@ def test_cli_inspect_table_and_json(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path / "c")]) == 0
     table = capsys.readouterr().out
     assert "model.w" in table and "float64" in table and "4x6" in table and "192 B" in table
-    assert "total: 3 keys (2 tensors, 1 objects)" in table
+    assert "total: 3 keys (2 tensors, 1 object), 204 B of tensors, 2 data files, 1 rank\n" in table
     assert cli_main(["inspect", str(tmp_path / "c"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     by_key = {e["key"]: e for e in info["entries"]}
