@@ -396,6 +396,22 @@ def _object_pickle(payload: bytes | memoryview, where: str) -> bytes:
         raise CorruptCheckpointError(f"{where} is damaged ({exc})") from exc
 
 
+def _bytes_from_data(*args: object) -> bytes:
+    """``builtins.bytes`` for object records: ``pickle`` writes ``b""`` as a call of ``bytes()``.
+
+    ``bytes(n)`` allocates ``n`` bytes, so an integer argument -- a size written in the file -- is refused.
+    """
+    if any(isinstance(arg, int) for arg in args):
+        raise pickle.UnpicklingError("bytes(<integer>) would allocate memory sized by a number in the file")
+    return bytes(*args)  # type: ignore[arg-type]
+
+
+_bytes_from_data.__module__, _bytes_from_data.__qualname__ = "builtins", "bytes"
+#: Plain-data globals that torch's weights-only unpickler lacks but ``torch.save`` emits for
+#: ordinary objects (``b""``, frozensets); neither can run code.
+_PLAIN_DATA_GLOBALS: list[Any] = [_bytes_from_data, frozenset]
+
+
 def check_object_record(payload: bytes | memoryview, key: str, relative_path: str, offset: int) -> None:
     """Raise unless the object record is a sound ``torch.save`` archive that ``torch.load(weights_only=True)`` accepts.
 
@@ -405,7 +421,8 @@ def check_object_record(payload: bytes | memoryview, key: str, relative_path: st
     where = f"object {key!r} ({relative_path} at offset {offset}, {len(payload)} bytes)"
     scan_pickle(_object_pickle(payload, where), where, int_limit=False)
     try:
-        torch.load(io.BytesIO(payload), weights_only=True)
+        with torch.serialization.safe_globals(_PLAIN_DATA_GLOBALS):
+            torch.load(io.BytesIO(payload), weights_only=True)
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsafeCheckpointError(

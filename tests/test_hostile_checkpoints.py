@@ -603,3 +603,26 @@ def test_allowed_objects_cannot_be_rewritten_process_wide():
         assert pickle.loads(enum_member) is LoadItemType(1) and LoadItemType(1).name == "EVIL"
     finally:
         LoadItemType(1)._name_ = original_name
+
+
+class _HugeBytes:
+    """Pickles as ``bytes(2**40)``: a terabyte allocated from a number in the file."""
+
+    def __reduce__(self):
+        return (bytes, (2**40,))
+
+
+def test_object_records_allow_plain_bytes_and_frozensets_but_no_allocation_from_a_number(tmp_path):
+    state = {"w": torch.arange(4.0), "empty": b"", "raw": b"\x00\xff", "set": frozenset({3, 1})}
+    dcp.save(state, storage_writer=DataStatesWriter(tmp_path / "ok", small_config("threads")), no_dist=True)
+    out = {"w": torch.zeros(4), "empty": None, "raw": None, "set": None}
+    dcp.load(out, storage_reader=DataStatesReader(tmp_path / "ok"), no_dist=True)
+    assert out["empty"] == b"" and out["raw"] == b"\x00\xff" and out["set"] == frozenset({1, 3})
+    assert torch.equal(out["w"], torch.arange(4.0))
+
+    dcp.save({"w": torch.ones(2), "huge": _HugeBytes()},
+             storage_writer=DataStatesWriter(tmp_path / "huge", small_config("threads")), no_dist=True)
+    with pytest.raises(CheckpointException) as caught:
+        dcp.load({"w": torch.zeros(2), "huge": None}, storage_reader=DataStatesReader(tmp_path / "huge"), no_dist=True)
+    (failure,) = caught.value.failures.values()
+    assert isinstance(failure[0], UnsafeCheckpointError) and "'huge'" in str(failure[0])
