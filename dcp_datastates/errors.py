@@ -36,3 +36,7 @@ class ChecksumMismatchError(CheckpointIOError):
 
 class UnsafeCheckpointError(DataStatesError, ValueError):
     """Loading would unpickle something that could run code; needs an explicit opt-in."""
+
+
+class UnsupportedCheckpointError(DataStatesError, ValueError):
+    """The checkpoint uses a feature this reader cannot decode (the message starts "unsupported: <what>")."""

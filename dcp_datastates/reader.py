@@ -1,32 +1,38 @@
 """``DataStatesReader``: DCP ``StorageReader`` for checkpoints of ours or of stock DCP.
 
-Read flow: read plan (DCP's planner picks which stored chunks feed which local
-tensors, resharding included) -> read (per file, records in offset order, gathered
-into large block-aligned windows so thousands of small records cost a few reads)
--> verify (every block of a window against the checksums recorded at save time,
-when the checkpoint has them) -> deliver (``torch.load(weights_only=True)`` per tensor
-record, a copy of the requested slice into the destination; object records are
-checked for safe unpickling first).
+Read flow, the mirror of the write path: **read plan** (DCP's planner picks which
+stored chunks feed which local tensors, resharding included; ``read_plan`` sorts the
+records by offset, widens them to checksum blocks and merges them into large aligned
+windows, so thousands of small records cost a few reads) -> **read** (``read_stream``:
+the windows stream through reusable page-aligned, pinned-with-CUDA buffers, several
+reads in flight through the io_uring or preadv engine of ``native/``, O_DIRECT) ->
+**verify** (each window's blocks against the checksums recorded at save time, as it
+lands) -> **deliver** (``deliver``: tensor records in our framing are decoded in place
+-- the prefix compared byte for byte, the data copied straight from the buffer into the
+destination, asynchronously to a GPU -- while the next reads are in flight; other
+records are decoded as stock DCP does, stream transforms included, objects checked for
+safe unpickling first).
 """
 
 from __future__ import annotations
 
-import io
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
+from dcp_datastates.buffer_pool import HostBuffer
 from dcp_datastates.checksums import FileChecksums, keys_overlapping, load_checksums
 from dcp_datastates.commit import METADATA_FILE
+from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.deliver import RecordDelivery
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import (
     CheckpointIOError,
@@ -34,17 +40,10 @@ from dcp_datastates.errors import (
     ChecksumMismatchError,
     IncompleteCheckpointError,
 )
-from dcp_datastates.safe_pickle import check_object_record, load_metadata
-
-#: Largest read issued at once; records are gathered up to this size per read.
-READ_WINDOW_BYTES = 64 * 1024**2
-
-
-@dataclass(frozen=True)
-class _Window:
-    start: int
-    end: int
-    items: list[ReadItem]
+from dcp_datastates.native import OpenedReadFile, create_read_engine, open_for_read
+from dcp_datastates.read_plan import ReadPlan, Window, plan_reads, stored_tensors
+from dcp_datastates.read_stream import checkout_pool, stream_windows
+from dcp_datastates.safe_pickle import load_metadata
 
 
 class DataStatesReader(DirectoryCheckpointId, StorageReader):
@@ -56,10 +55,15 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             (checkpoints written by stock DCP have none and load unverified).
         trust_checkpoint: allow unpickling arbitrary Python objects from the checkpoint. Off by
             default: only what ``torch.load(weights_only=True)`` accepts is loaded.
+        config: I/O settings shared with the writer: ``io_engine``/``io_threads``/``queue_depth``
+            (reads in flight), ``chunk_bytes`` (one read buffer), ``direct_io``.
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify_checksums: bool = True, trust_checkpoint: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify_checksums: bool = True, trust_checkpoint: bool = False,
+                 config: DataStatesConfig | None = None) -> None:
         super().__init__()
+        self.config = config if config is not None else DataStatesConfig()
+        self.last_read = ReadStats()
         self.path = Path(path)
         self.verify_checksums = verify_checksums
         self.trust_checkpoint = trust_checkpoint
@@ -118,75 +122,123 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
 
     # -- read, verify, deliver -----------------------------------------------------------------
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        per_file: dict[str, list[ReadItem]] = {}
-        for item in plan.items:
-            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        for relative_path, items in per_file.items():
-            items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
-            self._read_file(relative_path, items, planner)
+        """Read every record of ``plan`` (read plan -> read engine -> verify -> deliver); see the module doc."""
+        self.last_read = ReadStats()
+        if plan.items:
+            self._read_items(plan.items, planner)
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
-    def _windows(self, items: list[ReadItem], block_bytes: int, file_size: int | None) -> list[_Window]:
-        """Group offset-sorted records into reads of at most READ_WINDOW_BYTES, block-aligned."""
-        windows: list[_Window] = []
-        for item in items:
-            info = self.storage_data[item.storage_index]
-            start = info.offset // block_bytes * block_bytes
-            end = -(-(info.offset + info.length) // block_bytes) * block_bytes
-            if file_size is not None:
-                end = min(end, file_size)
-            last = windows[-1] if windows else None
-            if last is not None and start <= last.end and max(end, last.end) - last.start <= READ_WINDOW_BYTES:
-                last.items.append(item)  # in place: rebuilding the list per record made planning quadratic
-                windows[-1] = _Window(last.start, max(end, last.end), last.items)
-            else:
-                windows.append(_Window(start, end, [item]))
-        return windows
-
-    def _read_file(self, relative_path: str, items: list[ReadItem], planner: LoadPlanner) -> None:
-        path = self.path / relative_path
-        checksums = self.checksums.get(relative_path)
+    def _read_items(self, items: list[ReadItem], planner: LoadPlanner) -> None:
+        config = self.config
+        opened: dict[str, OpenedReadFile] = {}
         try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            first_key = {}
+            for item in items:
+                first_key.setdefault(self.storage_data[item.storage_index].relative_path, item.storage_index.fqn)
+            sizes: dict[str, int] = {}
+            for relative_path, fqn in first_key.items():
+                opened[relative_path] = self._open(relative_path, fqn, config.direct_io)
+                sizes[relative_path] = os.fstat(opened[relative_path].fd).st_size
+                self._check_size(relative_path, sizes[relative_path], fqn)
+            block_bytes = {name: self.checksums[name].block_bytes for name in first_key if name in self.checksums}
+            read_plan = plan_reads(items, self.storage_data, stored_tensors(getattr(planner, "metadata", None)),
+                                   sizes, block_bytes, config.chunk_bytes)
+            for f in read_plan.files:
+                for record in f.records:
+                    if record.end > f.size:
+                        raise CheckpointIOError(
+                            f"{record.item.storage_index.fqn!r}: {f.relative_path} is truncated (wanted {record.length} "
+                            f"bytes at offset {record.offset}, got {max(0, f.size - record.offset)}); the checkpoint "
+                            "is damaged"
+                        )
+            self._stream(read_plan, [(opened[f.relative_path].fd, str(self.path / f.relative_path))
+                                     for f in read_plan.files], planner)
+        finally:
+            for f in opened.values():
+                os.close(f.fd)
+
+    def _open(self, relative_path: str, fqn: str, direct: bool) -> OpenedReadFile:
+        try:
+            return open_for_read(str(self.path / relative_path), direct)
         except FileNotFoundError as exc:
             raise CheckpointIOError(
                 f"data file {relative_path!r} of checkpoint {str(self.path)!r} is missing "
-                f"(needed by {items[0].storage_index.fqn!r}); the checkpoint is damaged"
+                f"(needed by {fqn!r}); the checkpoint is damaged"
             ) from exc
-        try:
-            size = os.fstat(fd).st_size
-            if checksums is not None and size != checksums.size:
-                raise ChecksumMismatchError(
-                    f"{relative_path} is {'truncated' if size < checksums.size else 'longer than saved'}: {size} bytes, "
-                    f"saved with {checksums.size} (holds {items[0].storage_index.fqn!r}); the checkpoint is damaged"
-                )
-            block_bytes = checksums.block_bytes if checksums is not None else 4096
-            for window in self._windows(items, block_bytes, checksums.size if checksums else None):
-                data = memoryview(os.pread(fd, window.end - window.start, window.start))
-                if checksums is not None:
-                    self._verify(window, data, checksums, relative_path)
-                for item in window.items:
-                    info = self.storage_data[item.storage_index]
-                    record = data[info.offset - window.start : info.offset - window.start + info.length]
-                    if len(record) != info.length:
-                        raise CheckpointIOError(
-                            f"{item.storage_index.fqn!r}: {relative_path} is truncated (wanted {info.length} bytes "
-                            f"at offset {info.offset}, got {len(record)}); the checkpoint is damaged"
-                        )
-                    self._deliver(item, record, relative_path, info, planner)
-        finally:
-            os.close(fd)
 
-    def _verify(self, window: _Window, data: memoryview, checksums: FileChecksums, relative_path: str) -> None:
+    def _check_size(self, relative_path: str, size: int, fqn: str) -> None:
+        checksums = self.checksums.get(relative_path)
+        if checksums is not None and size != checksums.size:
+            raise ChecksumMismatchError(
+                f"{relative_path} is {'truncated' if size < checksums.size else 'longer than saved'}: {size} bytes, "
+                f"saved with {checksums.size} (holds {fqn!r}); the checkpoint is damaged"
+            )
+
+    def _stream(self, read_plan: ReadPlan, files: list[tuple[int, str]], planner: LoadPlanner) -> None:
+        """Reads in flight through the engine; each window verified, then delivered, as it lands."""
+        config = self.config
+        count = max(2, min(config.queue_depth, len(read_plan.windows)))
+        engine = create_read_engine(config.io_engine, io_threads=config.io_threads, queue_depth=count)
+        stats = self.last_read
+        stats.engine = engine.name
+        deliveries: dict[int, RecordDelivery] = {}
+        gpu_copies: dict[int, Any] = {}  # buffer index -> CUDA event after the copies out of it
+
+        def before_reuse(buffer: HostBuffer) -> None:
+            event = gpu_copies.pop(buffer.index, None)
+            if event is not None:
+                event.synchronize()
+
+        try:
+            with checkout_pool(read_plan.buffer_bytes, count, torch.cuda.is_available()) as pool:
+                for landed in stream_windows(read_plan.windows, files, engine, pool, before_reuse):
+                    window, buffer = landed.window, landed.buffer
+                    relative_path = read_plan.files[window.file_index].relative_path
+                    stats.windows += 1
+                    stats.bytes_read += landed.valid
+                    if landed.valid < window.end - window.start:
+                        raise CheckpointIOError(
+                            f"{relative_path} shrank while being read: wanted {window.end - window.start} bytes at "
+                            f"offset {window.start}, got {landed.valid} (holds {window.records[0].item.storage_index.fqn!r}); "
+                            "the checkpoint is damaged"
+                        )
+                    checksums = self.checksums.get(relative_path)
+                    if checksums is not None:
+                        self._verify(window, buffer.view[: landed.valid], checksums, relative_path)
+                        stats.bytes_verified += landed.valid
+                    copied_to_gpu = False
+                    for record in window.records:
+                        delivery = deliveries.get(id(record))
+                        if delivery is None:
+                            delivery = deliveries[id(record)] = RecordDelivery(record, planner, self.trust_checkpoint)
+                        lo = max(record.offset, window.start) - window.start
+                        hi = max(lo, min(record.end, window.end) - window.start)
+                        if delivery.feed(buffer.view, buffer.tensor, lo, hi):
+                            del deliveries[id(record)]
+                            stats.records += 1
+                            stats.framed += delivery.direct
+                        copied_to_gpu |= delivery.cuda
+                    if copied_to_gpu:
+                        event = torch.cuda.Event()
+                        event.record()
+                        gpu_copies[buffer.index] = event
+                for event in gpu_copies.values():
+                    event.synchronize()
+        finally:
+            engine.close()
+        if deliveries:  # every record ends inside a window; anything left means the plan is wrong
+            leftover = next(iter(deliveries.values())).record
+            raise CheckpointIOError(f"{leftover.item.storage_index.fqn!r}: record was not fully read (internal error)")
+
+    def _verify(self, window: Window, data: memoryview, checksums: FileChecksums, relative_path: str) -> None:
         bad_blocks = checksums.bad_blocks(data, window.start)
         if not bad_blocks:
             return
         bad = bad_blocks[0]
         block_start, block_end = bad * checksums.block_bytes, (bad + 1) * checksums.block_bytes
-        records = [(self.storage_data[it.storage_index].offset, self.storage_data[it.storage_index].length,
-                    it.storage_index.fqn) for it in window.items]
+        records = [(r.offset, r.length, r.item.storage_index.fqn) for r in window.records]
         keys = keys_overlapping(records, block_start, block_end)
         raise ChecksumMismatchError(
             f"checksum mismatch in {relative_path} at offset {block_start} (block of {checksums.block_bytes} bytes) "
@@ -194,25 +246,14 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             "is corrupted. Load an earlier checkpoint, or pass verify_checksums=False to read it anyway."
         )
 
-    def _deliver(self, item: ReadItem, record: memoryview, relative_path: str, info: _StorageInfo, planner: LoadPlanner) -> None:
-        if item.type == LoadItemType.BYTE_IO:
-            if not self.trust_checkpoint:
-                check_object_record(record, item.storage_index.fqn, relative_path, info.offset)
-            planner.load_bytes(item, io.BytesIO(record))
-            return
-        try:
-            stored = cast(torch.Tensor, torch.load(io.BytesIO(record), map_location="cpu", weights_only=True))
-        except Exception as exc:
-            raise CheckpointIOError(
-                f"{item.storage_index.fqn!r}: record in {relative_path} at offset {info.offset} "
-                f"({info.length} bytes) cannot be decoded ({exc}); the checkpoint is damaged"
-            ) from exc
-        source = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
-        target = planner.resolve_tensor(item).detach()
-        if target.size() != source.size():
-            raise CheckpointIOError(
-                f"{item.storage_index.fqn!r}: stored slice has shape {tuple(source.size())}, "
-                f"destination expects {tuple(target.size())}"
-            )
-        target.copy_(source)
-        planner.commit_tensor(item, target)
+
+@dataclass
+class ReadStats:
+    """What the last ``read_data`` did (tests and benchmarks use it to prove which path ran)."""
+
+    engine: str = ""
+    windows: int = 0
+    bytes_read: int = 0
+    bytes_verified: int = 0
+    records: int = 0
+    framed: int = 0  # tensor records decoded from our framing straight into their destination
