@@ -20,6 +20,7 @@ record is a small state machine fed piece by piece:
 
 from __future__ import annotations
 
+import ctypes
 import io
 from typing import cast
 
@@ -31,6 +32,11 @@ from torch.distributed.checkpoint.planner import LoadPlanner
 from dcp_datastates.errors import CheckpointIOError, UnsupportedCheckpointError
 from dcp_datastates.read_plan import RecordKind, RecordRead
 from dcp_datastates.safe_pickle import check_object_record
+
+
+#: Below this, a copy is a plain memmove (a torch op's dispatch costs more than the copy);
+#: above it, torch's copy, which runs on several threads.
+SMALL_COPY_BYTES = 256 * 1024
 
 
 def _flat_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -80,7 +86,7 @@ class RecordDelivery:
     """One record's state while its pieces land."""
 
     __slots__ = ("record", "planner", "trust", "where", "consumed", "raw", "prefix", "target", "target_bytes", "temp",
-                 "cuda", "gathering")
+                 "cuda", "gathering", "want", "target_ptr")
 
     def __init__(self, record: RecordRead, planner: LoadPlanner, trust: bool) -> None:
         self.record = record
@@ -95,6 +101,8 @@ class RecordDelivery:
         self.temp: torch.Tensor | None = None  # aligned temporary (conversion / narrowing path)
         self.cuda = False
         self.gathering = record.kind is not RecordKind.FRAMED
+        self.want = (0, 0)  # record-relative byte range of the data this delivery needs
+        self.target_ptr = 0  # address of a CPU destination's first byte (direct path)
 
     @property
     def direct(self) -> bool:
@@ -102,17 +110,17 @@ class RecordDelivery:
         return not self.gathering
 
     # -- pieces ---------------------------------------------------------------------------------
-    def feed(self, view: memoryview, data: torch.Tensor, lo: int, hi: int) -> bool:
+    def feed(self, view: memoryview, data: torch.Tensor, lo: int, hi: int, address: int) -> bool:
         """Take buffer bytes ``[lo, hi)`` -- the record's next bytes; True once the record is delivered.
 
-        ``view`` and ``data`` are the same buffer as memoryview and uint8 tensor.
+        ``view``, ``data`` and ``address`` are the same buffer as memoryview, uint8 tensor and address.
         """
         rel = self.consumed
         self.consumed += hi - lo
         if self.gathering:
             self._gather(view, lo, hi, rel)
         else:
-            self._framed_piece(view, data, lo, hi, rel)
+            self._framed_piece(view, data, lo, hi, rel, address)
         if self.consumed < self.record.length:
             return False
         self._finish()
@@ -123,7 +131,7 @@ class RecordDelivery:
             self.raw = bytearray(self.record.length)
         self.raw[rel : rel + hi - lo] = view[lo:hi]
 
-    def _framed_piece(self, view: memoryview, data: torch.Tensor, lo: int, hi: int, rel: int) -> None:
+    def _framed_piece(self, view: memoryview, data: torch.Tensor, lo: int, hi: int, rel: int, address: int) -> None:
         framing = self.record.framing
         assert framing is not None
         p = len(framing.prefix)
@@ -146,7 +154,7 @@ class RecordDelivery:
                     self._gather(view, lo + take, hi, rel + take)
                 return
             self._start_data()
-        self._copy_data(data, lo, hi, rel)
+        self._copy_data(data, lo, hi, rel, address)
 
     def _start_data(self) -> None:
         record = self.record
@@ -161,11 +169,13 @@ class RecordDelivery:
             )
         self.target = target
         self.cuda = target.device.type == "cuda"
+        self.want = self._wanted()
         if record.flat is not None and _takes_raw_bytes(target, stored.dtype):
             self.target_bytes = _flat_bytes(target)
+            if not self.cuda:
+                self.target_ptr = target.data_ptr()
         else:
-            want_lo, want_hi = self._wanted()
-            self.temp = torch.empty(want_hi - want_lo, dtype=torch.uint8)
+            self.temp = torch.empty(self.want[1] - self.want[0], dtype=torch.uint8)
 
     def _wanted(self) -> tuple[int, int]:
         """Record-relative byte range of the data this delivery needs."""
@@ -178,10 +188,13 @@ class RecordDelivery:
         first, count = self.record.flat
         return p + first * element, p + (first + count) * element
 
-    def _copy_data(self, data: torch.Tensor, lo: int, hi: int, rel: int) -> None:
-        want_lo, want_hi = self._wanted()
+    def _copy_data(self, data: torch.Tensor, lo: int, hi: int, rel: int, address: int) -> None:
+        want_lo, want_hi = self.want
         s, e = max(rel, want_lo), min(rel + hi - lo, want_hi)
         if s >= e:
+            return
+        if self.target_ptr and e - s <= SMALL_COPY_BYTES:
+            ctypes.memmove(self.target_ptr + s - want_lo, address + lo + s - rel, e - s)
             return
         source = data[lo + s - rel : lo + e - rel]
         if self.target_bytes is not None:

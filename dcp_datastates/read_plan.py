@@ -102,35 +102,53 @@ class ReadPlan:
         return sum(w.end - w.start for w in self.windows)
 
 
-def stored_tensors(metadata: Metadata | None) -> dict[MetadataIndex, StoredTensor]:
-    """Every stored tensor chunk's dtype and shape, keyed like ``storage_data`` (index = fqn + chunk offset)."""
-    out: dict[MetadataIndex, StoredTensor] = {}
-    if metadata is None:
-        return out
-    for fqn, md in metadata.state_dict_metadata.items():
-        if isinstance(md, TensorStorageMetadata):
-            for chunk in md.chunks:
-                out[MetadataIndex(fqn, chunk.offsets)] = StoredTensor(md.properties.dtype, tuple(chunk.sizes))
-    return out
+class StoredTensors:
+    """Dtype and shape of every stored tensor chunk, looked up by the index ``storage_data`` uses.
+
+    Built lazily per key: a checkpoint of 50,000 tensors must not pay for building 50,000
+    index objects before the first read.
+    """
+
+    def __init__(self, metadata: Metadata | None) -> None:
+        self._md = metadata.state_dict_metadata if metadata is not None else {}
+        self._multi: dict[str, dict[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def get(self, index: MetadataIndex) -> StoredTensor | None:
+        md = self._md.get(index.fqn)
+        if not isinstance(md, TensorStorageMetadata):
+            return None
+        chunks = md.chunks
+        if len(chunks) == 1:
+            chunk = chunks[0]
+            if tuple(chunk.offsets) != tuple(index.offset):
+                return None
+            return StoredTensor(md.properties.dtype, tuple(chunk.sizes))
+        by_offset = self._multi.get(index.fqn)
+        if by_offset is None:
+            by_offset = self._multi[index.fqn] = {tuple(c.offsets): tuple(c.sizes) for c in chunks}
+        sizes = by_offset.get(tuple(index.offset))
+        return None if sizes is None else StoredTensor(md.properties.dtype, sizes)
+
+
+def stored_tensors(metadata: Metadata | None) -> StoredTensors:
+    return StoredTensors(metadata)
 
 
 def contiguous_range(shape: tuple[int, ...], offsets: tuple[int, ...], lengths: tuple[int, ...]) -> tuple[int, int] | None:
     """The box ``offsets/lengths`` of a row-major ``shape`` as (first element, count), if it is one run.
 
-    It is when every dimension before some ``k`` has length 1 and every dimension after ``k``
-    is whole: a whole tensor, a block of rows (``Shard(0)``), one row's slice.
+    It is when, ``k`` being the last dimension that is not whole, every dimension before ``k``
+    has length 1: a whole tensor, a block of rows (``Shard(0)``), one row's slice.
     """
     if len(shape) != len(offsets) or len(shape) != len(lengths):
         return None
+    if lengths == shape:  # the whole chunk (the common case: no resharding)
+        return (0, math.prod(shape))
     count = math.prod(lengths)
     if count == 0:
         return (0, 0)
-    k = 0
-    while k < len(shape) and lengths[k] == 1 and shape[k] != 1:
-        k += 1
-    if any(lengths[d] != shape[d] for d in range(k + 1, len(shape))):
-        return None
-    if any(lengths[d] != 1 for d in range(k)):
+    partial = [d for d in range(len(shape)) if lengths[d] != shape[d]]
+    if any(lengths[d] != 1 for d in range(partial[-1])):  # partial is not empty: lengths != shape
         return None
     start, stride = 0, 1
     for d in reversed(range(len(shape))):
@@ -163,7 +181,7 @@ def classify(item: ReadItem, info: _StorageInfo, stored: StoredTensor | None) ->
 def plan_reads(
     items: list[ReadItem],
     storage_data: Mapping[MetadataIndex, _StorageInfo],
-    stored: Mapping[MetadataIndex, StoredTensor],
+    stored: StoredTensors,
     file_sizes: Mapping[str, int],
     block_bytes: Mapping[str, int],
     buffer_bytes: int,

@@ -17,6 +17,7 @@ safe unpickling first).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,10 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
 
         try:
             with checkout_pool(read_plan.buffer_bytes, count, torch.cuda.is_available()) as pool:
+                clock = time.perf_counter()
                 for landed in stream_windows(read_plan.windows, files, engine, pool, before_reuse):
+                    now = time.perf_counter()
+                    stats.wait_seconds += now - clock
                     window, buffer = landed.window, landed.buffer
                     relative_path = read_plan.files[window.file_index].relative_path
                     stats.windows += 1
@@ -208,14 +212,17 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                     if checksums is not None:
                         self._verify(window, buffer.view[: landed.valid], checksums, relative_path)
                         stats.bytes_verified += landed.valid
+                    clock = time.perf_counter()
+                    stats.verify_seconds += clock - now
                     copied_to_gpu = False
+                    address = buffer.tensor.data_ptr()
                     for record in window.records:
                         delivery = deliveries.get(id(record))
                         if delivery is None:
                             delivery = deliveries[id(record)] = RecordDelivery(record, planner, self.trust_checkpoint)
                         lo = max(record.offset, window.start) - window.start
                         hi = max(lo, min(record.end, window.end) - window.start)
-                        if delivery.feed(buffer.view, buffer.tensor, lo, hi):
+                        if delivery.feed(buffer.view, buffer.tensor, lo, hi, address):
                             del deliveries[id(record)]
                             stats.records += 1
                             stats.framed += delivery.direct
@@ -224,6 +231,8 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                         event = torch.cuda.Event()
                         event.record()
                         gpu_copies[buffer.index] = event
+                    now, clock = clock, time.perf_counter()
+                    stats.deliver_seconds += clock - now
                 for event in gpu_copies.values():
                     event.synchronize()
         finally:
@@ -257,3 +266,6 @@ class ReadStats:
     bytes_verified: int = 0
     records: int = 0
     framed: int = 0  # tensor records decoded from our framing straight into their destination
+    wait_seconds: float = 0.0  # waiting for reads to land
+    verify_seconds: float = 0.0  # checksumming landed windows
+    deliver_seconds: float = 0.0  # decoding and copying into destinations
