@@ -201,6 +201,8 @@ def plan_reads(
         records = by_file[relative_path]
         records.sort(key=lambda r: r.offset)
         block = block_bytes.get(relative_path, DIRECT_IO_ALIGNMENT)
+        if block <= 0:
+            raise ValueError(f"the checksum file gives {relative_path} a block size of {block} bytes; it is damaged")
         align = block * DIRECT_IO_ALIGNMENT // math.gcd(block, DIRECT_IO_ALIGNMENT)
         files.append(FileRead(relative_path, file_sizes[relative_path], align, records))
     for f in files:

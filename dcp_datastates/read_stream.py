@@ -9,7 +9,9 @@ the buffer goes straight back into the queue for the next read.
 
 Pools are kept per process and reused by later loads (allocation and pinning cost far
 more than reading into memory that is already there); a pool is used by one load at a
-time, so concurrent loads never wait on each other's buffers.
+time, so concurrent loads never wait on each other's buffers (one idle pool per geometry
+is kept; ``release_idle_pools`` frees it). Buffer pages are faulted in by the first read
+into them, so a small load of a large pool only touches what it reads.
 """
 
 from __future__ import annotations
@@ -42,7 +44,9 @@ def checkout_pool(buffer_bytes: int, count: int, pin: bool) -> Iterator[HostBuff
     finally:
         if pool.in_use == 0:  # a pool with a read still in flight (should not happen) is never reused
             with _idle_lock:
-                _idle_pools.setdefault(key, []).append(pool)
+                idle = _idle_pools.setdefault(key, [])
+                if not idle:  # keep one per geometry: concurrent loads' extra pools are freed
+                    idle.append(pool)
 
 
 def release_idle_pools() -> int:

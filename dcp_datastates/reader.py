@@ -180,7 +180,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
     def _stream(self, read_plan: ReadPlan, files: list[tuple[int, str]], planner: LoadPlanner) -> None:
         """Reads in flight through the engine; each window verified, then delivered, as it lands."""
         config = self.config
-        count = max(2, min(config.queue_depth, len(read_plan.windows)))
+        count = max(2, config.queue_depth)  # one geometry per config, so every load reuses the same pool
         engine = create_read_engine(config.io_engine, io_threads=config.io_threads, queue_depth=count)
         stats = self.last_read
         stats.engine = engine.name
