@@ -85,14 +85,13 @@ def undo_transforms(data: bytes, descriptors: tuple[str, ...], where: str) -> by
 class RecordDelivery:
     """One record's state while its pieces land."""
 
-    __slots__ = ("record", "planner", "trust", "where", "consumed", "raw", "prefix", "target", "target_bytes", "temp",
+    __slots__ = ("record", "planner", "trust", "consumed", "raw", "prefix", "target", "target_bytes", "temp",
                  "cuda", "gathering", "want", "target_ptr")
 
     def __init__(self, record: RecordRead, planner: LoadPlanner, trust: bool) -> None:
         self.record = record
         self.planner = planner
         self.trust = trust
-        self.where = f"record of {record.item.storage_index.fqn!r} in {record.relative_path} at offset {record.offset}"
         self.consumed = 0  # record bytes seen so far
         self.raw: bytearray | None = None  # whole record, for the torch.load / object path
         self.prefix: bytearray | None = None  # a prefix split across windows
@@ -103,6 +102,11 @@ class RecordDelivery:
         self.gathering = record.kind is not RecordKind.FRAMED
         self.want = (0, 0)  # record-relative byte range of the data this delivery needs
         self.target_ptr = 0  # address of a CPU destination's first byte (direct path)
+
+    @property
+    def where(self) -> str:
+        record = self.record
+        return f"record of {record.item.storage_index.fqn!r} in {record.relative_path} at offset {record.offset}"
 
     @property
     def direct(self) -> bool:
@@ -171,7 +175,8 @@ class RecordDelivery:
         self.cuda = target.device.type == "cuda"
         self.want = self._wanted()
         if record.flat is not None and _takes_raw_bytes(target, stored.dtype):
-            self.target_bytes = _flat_bytes(target)
+            if self.cuda or self.want[1] - self.want[0] > SMALL_COPY_BYTES:
+                self.target_bytes = _flat_bytes(target)
             if not self.cuda:
                 self.target_ptr = target.data_ptr()
         else:
@@ -197,7 +202,7 @@ class RecordDelivery:
             ctypes.memmove(self.target_ptr + s - want_lo, address + lo + s - rel, e - s)
             return
         source = data[lo + s - rel : lo + e - rel]
-        if self.target_bytes is not None:
+        if self.target_bytes is not None:  # set for every direct target a piece this large can reach
             self.target_bytes[s - want_lo : e - want_lo].copy_(source, non_blocking=self.cuda)
         else:
             assert self.temp is not None
