@@ -16,13 +16,16 @@ safe unpickling first).
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
@@ -42,9 +45,10 @@ from dcp_datastates.errors import (
     IncompleteCheckpointError,
 )
 from dcp_datastates.native import OpenedReadFile, create_read_engine, open_for_read
-from dcp_datastates.read_plan import ReadPlan, Window, plan_reads, stored_tensors
+from dcp_datastates.read_plan import ReadPlan, Window, classify, plan_reads, stored_tensors
 from dcp_datastates.read_stream import checkout_pool, stream_windows
 from dcp_datastates.safe_pickle import load_metadata
+from dcp_datastates.shared_reads import LocalPlanInfo, SharedReads, assign_shared_reads
 
 
 class DataStatesReader(DirectoryCheckpointId, StorageReader):
@@ -58,11 +62,20 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             default: only what ``torch.load(weights_only=True)`` accepts is loaded.
         config: I/O settings shared with the writer: ``io_engine``/``io_threads``/``queue_depth``
             (reads in flight), ``chunk_bytes`` (one read buffer), ``direct_io``.
+        replicated_reads: records several ranks need (replicated state) are read by one rank and
+            broadcast over the default process group (``"once"``), or read by every rank that
+            needs them (``"every_rank"``). ``"auto"``: once when the ranks span several hosts
+            (storage shared by nodes: N readers cost N times its bandwidth), every rank on one
+            host (a local disk and its page cache serve them without a network hop).
     """
 
     def __init__(self, path: str | os.PathLike, *, verify_checksums: bool = True, trust_checkpoint: bool = False,
-                 config: DataStatesConfig | None = None) -> None:
+                 config: DataStatesConfig | None = None,
+                 replicated_reads: Literal["auto", "once", "every_rank"] = "auto") -> None:
         super().__init__()
+        if replicated_reads not in ("auto", "once", "every_rank"):
+            raise ValueError(f"replicated_reads must be 'auto', 'once' or 'every_rank', got {replicated_reads!r}")
+        self.replicated_reads = replicated_reads
         self.config = config if config is not None else DataStatesConfig()
         self.last_read = ReadStats()
         self.path = Path(path)
@@ -116,22 +129,87 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             )
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        return dataclasses.replace(plan, storage_data=LocalPlanInfo(socket.gethostname()))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        """On the coordinator: give each record several ranks need one reader (see ``shared_reads``)."""
+        if self.replicated_reads == "every_rank" or len(plans) < 2:
+            return plans
+        hosts = {p.storage_data.host for p in plans if isinstance(p.storage_data, LocalPlanInfo)}
+        if self.replicated_reads == "auto" and len(hosts) < 2:
+            return plans
+        shared = assign_shared_reads(plans, self.storage_data)
+        return plans if shared is None else [dataclasses.replace(p, storage_data=shared) for p in plans]
 
     # -- read, verify, deliver -----------------------------------------------------------------
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         """Read every record of ``plan`` (read plan -> read engine -> verify -> deliver); see the module doc."""
         self.last_read = ReadStats()
-        if plan.items:
+        shared = plan.storage_data if isinstance(plan.storage_data, SharedReads) else None
+        if shared is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() == shared.world_size:
+            self._read_with_exchange(plan.items, planner, shared)
+        elif plan.items:
             self._read_items(plan.items, planner)
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
-    def _read_items(self, items: list[ReadItem], planner: LoadPlanner) -> None:
+    # -- replicated state: one reader, a broadcast to the others ------------------------------------
+    def _read_with_exchange(self, items: list[ReadItem], planner: LoadPlanner, shared: SharedReads) -> None:
+        """Read this rank's own records, then, batch by batch, read (owner) or receive the shared ones.
+
+        Every rank walks the same batches in the same order, so the broadcasts match. Before each
+        broadcast the ranks agree that its owner read it: a rank that failed must not leave the
+        others waiting in a broadcast that never comes.
+        """
+        rank = dist.get_rank()
+        shared_indexes = shared.indexes()
+        mine: dict[MetadataIndex, list[ReadItem]] = {}
+        own_items = []
+        for item in items:
+            if item.storage_index in shared_indexes:
+                mine.setdefault(item.storage_index, []).append(item)
+            else:
+                own_items.append(item)
+        error: BaseException | None = None
+        try:
+            if own_items:
+                self._read_items(own_items, planner)
+        except BaseException as exc:  # noqa: BLE001 - re-raised after the ranks agree
+            error = exc
+        _agree(error, "reading its own records")
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        stored = stored_tensors(getattr(planner, "metadata", None))
+        for batch in shared.batches:
+            buffer = torch.empty(batch.nbytes, dtype=torch.uint8)
+            error = None
+            if rank == batch.owner:
+                try:
+                    tee = {index: position for index, position, _ in batch.records}
+                    self._read_items([it for index, _, _ in batch.records for it in mine.get(index, [])], planner,
+                                     (buffer, tee))
+                except BaseException as exc:  # noqa: BLE001
+                    error = exc
+            _agree(error, f"reading replicated records for the other ranks (rank {batch.owner})")
+            if device is None:
+                dist.broadcast(buffer, src=batch.owner)
+            else:  # NCCL moves device memory only
+                on_device = buffer.to(device) if rank == batch.owner else torch.empty(batch.nbytes, dtype=torch.uint8, device=device)
+                dist.broadcast(on_device, src=batch.owner)
+                buffer.copy_(on_device)
+            if rank == batch.owner:
+                continue
+            self.last_read.bytes_received += batch.nbytes
+            view, address = memoryview(buffer.numpy()), buffer.data_ptr()
+            for index, position, length in batch.records:
+                for item in mine.get(index, []):
+                    delivery = RecordDelivery(classify(item, self.storage_data[index], stored.get(index)), planner,
+                                              self.trust_checkpoint)
+                    delivery.feed(view, buffer, position, position + length, address)
+                    self.last_read.records += 1
+                    self.last_read.framed += delivery.direct
+
+    def _read_items(self, items: list[ReadItem], planner: LoadPlanner, tee: _Tee | None = None) -> None:
         config = self.config
         opened: dict[str, OpenedReadFile] = {}
         try:
@@ -155,7 +233,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                             "is damaged"
                         )
             self._stream(read_plan, [(opened[f.relative_path].fd, str(self.path / f.relative_path))
-                                     for f in read_plan.files], planner)
+                                     for f in read_plan.files], planner, tee)
         finally:
             for f in opened.values():
                 os.close(f.fd)
@@ -177,7 +255,8 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 f"saved with {checksums.size} (holds {fqn!r}); the checkpoint is damaged"
             )
 
-    def _stream(self, read_plan: ReadPlan, files: list[tuple[int, str]], planner: LoadPlanner) -> None:
+    def _stream(self, read_plan: ReadPlan, files: list[tuple[int, str]], planner: LoadPlanner,
+                tee: _Tee | None = None) -> None:
         """Reads in flight through the engine; each window verified, then delivered, as it lands."""
         config = self.config
         count = max(2, config.queue_depth)  # one geometry per config, so every load reuses the same pool
@@ -222,6 +301,9 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                             delivery = deliveries[id(record)] = RecordDelivery(record, planner, self.trust_checkpoint)
                         lo = max(record.offset, window.start) - window.start
                         hi = max(lo, min(record.end, window.end) - window.start)
+                        if tee is not None and record.item.storage_index in tee[1]:  # verified bytes for other ranks
+                            at = tee[1][record.item.storage_index] + max(record.offset, window.start) - record.offset
+                            tee[0][at : at + hi - lo].copy_(buffer.tensor[lo:hi])
                         if delivery.feed(buffer.view, buffer.tensor, lo, hi, address):
                             del deliveries[id(record)]
                             stats.records += 1
@@ -256,6 +338,22 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         )
 
 
+#: Where the owner of replicated records copies them for the broadcast: (batch buffer, position per record).
+_Tee = tuple[torch.Tensor, dict[MetadataIndex, int]]
+
+
+def _agree(error: BaseException | None, what: str) -> None:
+    """All ranks learn whether any failed; the one that failed raises its own error, the others say who."""
+    failed = torch.tensor([-1 if error is None else dist.get_rank()], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        failed = failed.cuda()
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(failed.item()) >= 0:
+        raise CheckpointIOError(f"rank {int(failed.item())} failed while {what}; its own error says why")
+
+
 @dataclass
 class ReadStats:
     """What the last ``read_data`` did (tests and benchmarks use it to prove which path ran)."""
@@ -264,6 +362,7 @@ class ReadStats:
     windows: int = 0
     bytes_read: int = 0
     bytes_verified: int = 0
+    bytes_received: int = 0  # replicated records received from the rank that read them
     records: int = 0
     framed: int = 0  # tensor records decoded from our framing straight into their destination
     wait_seconds: float = 0.0  # waiting for reads to land
