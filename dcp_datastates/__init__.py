@@ -17,6 +17,7 @@ from dcp_datastates.errors import (
     IncompleteCheckpointError,
     MissingKeysError,
     UnsafeCheckpointError,
+    UnsupportedCheckpointError,
 )
 from dcp_datastates.guard import install_optimizer_guard, wait_staged
 from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
@@ -37,6 +38,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "MissingKeysError",
     "UnsafeCheckpointError",
+    "UnsupportedCheckpointError",
     "install_optimizer_guard",
     "wait_staged",
 ]
