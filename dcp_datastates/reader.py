@@ -45,10 +45,10 @@ from dcp_datastates.errors import (
     IncompleteCheckpointError,
 )
 from dcp_datastates.native import OpenedReadFile, create_read_engine, open_for_read
-from dcp_datastates.read_plan import ReadPlan, Window, classify, plan_reads, stored_tensors
+from dcp_datastates.read_plan import ReadPlan, StoredTensors, Window, classify, plan_reads, stored_tensors
 from dcp_datastates.read_stream import checkout_pool, stream_windows
 from dcp_datastates.safe_pickle import load_metadata
-from dcp_datastates.shared_reads import LocalPlanInfo, SharedReads, assign_shared_reads
+from dcp_datastates.shared_reads import LocalPlanInfo, SharedBatch, SharedReads, assign_shared_reads
 
 
 class DataStatesReader(DirectoryCheckpointId, StorageReader):
@@ -180,10 +180,11 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         _agree(error, "reading its own records")
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
         stored = stored_tensors(getattr(planner, "metadata", None))
+        received_error: BaseException | None = None  # decoding what another rank sent; reported at the next agreement
         for batch in shared.batches:
             buffer = torch.empty(batch.nbytes, dtype=torch.uint8)
-            error = None
-            if rank == batch.owner:
+            error = received_error
+            if rank == batch.owner and error is None:
                 try:
                     tee = {index: position for index, position, _ in batch.records}
                     self._read_items([it for index, _, _ in batch.records for it in mine.get(index, [])], planner,
@@ -200,14 +201,22 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             if rank == batch.owner:
                 continue
             self.last_read.bytes_received += batch.nbytes
-            view, address = memoryview(buffer.numpy()), buffer.data_ptr()
-            for index, position, length in batch.records:
-                for item in mine.get(index, []):
-                    delivery = RecordDelivery(classify(item, self.storage_data[index], stored.get(index)), planner,
-                                              self.trust_checkpoint)
-                    delivery.feed(view, buffer, position, position + length, address)
-                    self.last_read.records += 1
-                    self.last_read.framed += delivery.direct
+            try:
+                self._deliver_received(batch, buffer, mine, stored, planner)
+            except BaseException as exc:  # noqa: BLE001 - the other ranks must not wait in a broadcast for us
+                received_error = exc
+        _agree(received_error, "decoding replicated records it received")
+
+    def _deliver_received(self, batch: SharedBatch, buffer: torch.Tensor, mine: dict[MetadataIndex, list[ReadItem]],
+                          stored: StoredTensors, planner: LoadPlanner) -> None:
+        view, address = memoryview(buffer.numpy()), buffer.data_ptr()
+        for index, position, length in batch.records:
+            for item in mine.get(index, []):
+                delivery = RecordDelivery(classify(item, self.storage_data[index], stored.get(index)), planner,
+                                          self.trust_checkpoint)
+                delivery.feed(view, buffer, position, position + length, address)
+                self.last_read.records += 1
+                self.last_read.framed += delivery.direct
 
     def _read_items(self, items: list[ReadItem], planner: LoadPlanner, tee: _Tee | None = None) -> None:
         config = self.config

@@ -74,8 +74,21 @@ def test_a_rank_that_fails_reading_for_others_fails_every_rank_without_a_hang(tm
     raw = bytearray(data.read_bytes())
     raw[-100] ^= 0xFF  # in the last records: the second stripe, read by rank 1
     data.write_bytes(bytes(raw))
-    out = torchrun("corrupt", str(tmp_path / "c"), timeout=240)
+    torchrun("corrupt", str(tmp_path / "c"), timeout=240)
     for rank in (0, 1):  # DCP gathers every rank's error into each rank's exception
-        (line,) = [line for line in out.splitlines() if line.startswith(f"rank {rank}: failed: ")]
+        line = (tmp_path / f"c.rank{rank}.txt").read_text()
+        assert line.startswith(f"rank {rank}: failed: "), line
         assert re.search(r"ChecksumMismatchError: checksum mismatch in \S+ at offset \d+ .* holding .*'rep5'", line), line
         assert "CheckpointIOError: rank 1 failed while reading replicated records for the other ranks" in line, line
+
+
+def test_a_rank_that_cannot_decode_what_it_received_fails_every_rank_without_a_hang(tmp_path):
+    from fractions import Fraction
+
+    dcp.save(expected() | {"frac": Fraction(1, 3)}, storage_writer=DataStatesWriter(tmp_path / "c"), no_dist=True)
+    torchrun("refuse", str(tmp_path / "c"), timeout=240)  # objects come last: rank 1 reads, rank 0 refuses
+    for rank in (0, 1):
+        line = (tmp_path / f"c.rank{rank}.txt").read_text()
+        assert line.startswith(f"rank {rank}: failed: "), line
+        assert "UnsafeCheckpointError: object 'frac'" in line, line
+        assert "CheckpointIOError: rank 0 failed while decoding replicated records it received" in line, line

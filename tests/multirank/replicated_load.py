@@ -2,6 +2,7 @@
 
     replicated_load.py load CKPT_DIR      # loads the full state on both ranks with each policy, prints bytes read
     replicated_load.py corrupt CKPT_DIR   # a damaged record owned by one rank: both ranks fail, neither hangs
+    replicated_load.py refuse CKPT_DIR    # rank 1 (trusting) sends an object rank 0 refuses: both fail, no hang
 """
 
 from __future__ import annotations
@@ -54,13 +55,16 @@ def main() -> None:
                     assert got == value, (policy, key, rank)
             stats = reader.last_read
             print(f"rank {rank}: {policy} OK bytes_read={stats.bytes_read} bytes_received={stats.bytes_received}", flush=True)
-    elif mode == "corrupt":
+    elif mode in ("corrupt", "refuse"):
+        state = target(mesh) | ({"frac": None} if mode == "refuse" else {})
         try:
-            dcp.load(target(mesh), storage_reader=DataStatesReader(directory, replicated_reads="once"))
+            dcp.load(state, storage_reader=DataStatesReader(directory, replicated_reads="once", trust_checkpoint=rank == 1))
         except BaseException as exc:  # noqa: BLE001 - DCP's CheckpointException is a BaseException
-            print(f"rank {rank}: failed: {' '.join(str(exc).split())}", flush=True)
+            result = f"rank {rank}: failed: {' '.join(str(exc).split())}"
         else:
-            print(f"rank {rank}: loaded a damaged checkpoint", flush=True)
+            result = f"rank {rank}: loaded a checkpoint it should have refused"
+        with open(f"{directory}.rank{rank}.txt", "w") as f:  # long lines of two ranks would interleave on stdout
+            f.write(result)
     dist.barrier()
     dist.destroy_process_group()
 
