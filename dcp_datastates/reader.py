@@ -16,6 +16,7 @@ safe unpickling first).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import socket
@@ -281,9 +282,11 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 event.synchronize()
 
         try:
-            with checkout_pool(read_plan.buffer_bytes, count, torch.cuda.is_available()) as pool:
+            with checkout_pool(read_plan.buffer_bytes, count, torch.cuda.is_available()) as pool, \
+                    contextlib.closing(stream_windows(read_plan.windows, files, engine, pool, before_reuse)) as landing:
+                # closing(): on an error, wait for the reads in flight and return their buffers right here
                 clock = time.perf_counter()
-                for landed in stream_windows(read_plan.windows, files, engine, pool, before_reuse):
+                for landed in landing:
                     now = time.perf_counter()
                     stats.wait_seconds += now - clock
                     window, buffer = landed.window, landed.buffer

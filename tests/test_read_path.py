@@ -324,6 +324,10 @@ def test_failed_load_returns_every_buffer_and_the_next_load_works(tmp_path):
     for p in (tmp_path / "c").iterdir():
         (tmp_path / "bad" / p.name).write_bytes(bytes(raw) if p == data else p.read_bytes())
     config = small_config("io_uring", chunk_bytes="1MiB", host_pool_bytes="8MiB")  # 24 windows, 8 in flight
+    read_stream.release_idle_pools()
+    from dcp_datastates.buffer_pool import HostBufferPool
+
+    allocations = HostBufferPool.allocations
     with pytest.raises(ChecksumMismatchError, match="checksum mismatch"):
         reader = DataStatesReader(tmp_path / "bad", config=config)
         metadata = reader.read_metadata()
@@ -331,10 +335,12 @@ def test_failed_load_returns_every_buffer_and_the_next_load_works(tmp_path):
         planner = DefaultLoadPlanner()
         planner.set_up_planner({k: torch.zeros_like(v) for k, v in state.items()}, metadata, True)
         reader.read_data(planner.create_local_plan(), planner)
-    assert all(pool.in_use == 0 for pools in read_stream._idle_pools.values() for pool in pools)
+    (pools,) = read_stream._idle_pools.values()  # the failed load's pool is back, every buffer in it
+    assert len(pools) == 1 and pools[0].in_use == 0 and HostBufferPool.allocations == allocations + 1
     target = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(target, storage_reader=DataStatesReader(tmp_path / "c", config=config), no_dist=True)
     assert all(torch.equal(target[k], v) for k, v in state.items())
+    assert HostBufferPool.allocations == allocations + 1  # and the next load reuses it
 
 
 def test_buffers_are_reused_by_later_loads(tmp_path):
