@@ -75,14 +75,15 @@ class LandedWindow:
 
 def stream_windows(
     windows: list[Window],
-    files: list[tuple[int, str]],
+    open_file: Callable[[int], tuple[int, str]],
     engine: ReadEngine,
     pool: HostBufferPool,
     before_reuse: Callable[[HostBuffer], None] = lambda buffer: None,
 ) -> Iterator[LandedWindow]:
     """Yield every window, in order, once read; up to ``pool.count`` reads in flight.
 
-    ``files[i]`` is the ``(fd, path)`` of ``window.file_index == i``. A buffer is reused only
+    ``open_file(i)`` gives the ``(fd, path)`` of ``window.file_index == i`` (called when its first
+    read is submitted, so a checkpoint of many files keeps few open). A buffer is reused only
     after the caller has moved on from its window and ``before_reuse`` (e.g. waiting for
     asynchronous device copies out of it) has returned. If the caller stops early (an error),
     every read still in flight is waited for before the buffers go back: the kernel must not
@@ -99,7 +100,7 @@ def stream_windows(
             entry.error, entry.nbytes = error, nbytes
             entry.done.set()
 
-        fd, path = files[window.file_index]
+        fd, path = open_file(window.file_index)
         pending.append(entry)
         engine.submit(ReadRequest(fd, path, buffer.view[: window.read_bytes], window.start, on_done))
 

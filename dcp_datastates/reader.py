@@ -45,7 +45,7 @@ from dcp_datastates.errors import (
     ChecksumMismatchError,
     IncompleteCheckpointError,
 )
-from dcp_datastates.native import OpenedReadFile, create_read_engine, open_for_read
+from dcp_datastates.native import create_read_engine, open_for_read
 from dcp_datastates.read_plan import ReadPlan, StoredTensors, Window, classify, plan_reads, stored_tensors
 from dcp_datastates.read_stream import checkout_pool, stream_windows
 from dcp_datastates.safe_pickle import load_metadata
@@ -220,42 +220,31 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 self.last_read.framed += delivery.direct
 
     def _read_items(self, items: list[ReadItem], planner: LoadPlanner, tee: _Tee | None = None) -> None:
-        config = self.config
-        opened: dict[str, OpenedReadFile] = {}
-        try:
-            first_key = {}
-            for item in items:
-                first_key.setdefault(self.storage_data[item.storage_index].relative_path, item.storage_index.fqn)
-            sizes: dict[str, int] = {}
-            for relative_path, fqn in first_key.items():
-                opened[relative_path] = self._open(relative_path, fqn, config.direct_io)
-                sizes[relative_path] = os.fstat(opened[relative_path].fd).st_size
-                self._check_size(relative_path, sizes[relative_path], fqn)
-            block_bytes = {name: self.checksums[name].block_bytes for name in first_key if name in self.checksums}
-            read_plan = plan_reads(items, self.storage_data, stored_tensors(getattr(planner, "metadata", None)),
-                                   sizes, block_bytes, config.chunk_bytes)
-            for f in read_plan.files:
-                for record in f.records:
-                    if record.end > f.size:
-                        raise CheckpointIOError(
-                            f"{record.item.storage_index.fqn!r}: {f.relative_path} is truncated (wanted {record.length} "
-                            f"bytes at offset {record.offset}, got {max(0, f.size - record.offset)}); the checkpoint "
-                            "is damaged"
-                        )
-            self._stream(read_plan, [(opened[f.relative_path].fd, str(self.path / f.relative_path))
-                                     for f in read_plan.files], planner, tee)
-        finally:
-            for f in opened.values():
-                os.close(f.fd)
-
-    def _open(self, relative_path: str, fqn: str, direct: bool) -> OpenedReadFile:
-        try:
-            return open_for_read(str(self.path / relative_path), direct)
-        except FileNotFoundError as exc:
-            raise CheckpointIOError(
-                f"data file {relative_path!r} of checkpoint {str(self.path)!r} is missing "
-                f"(needed by {fqn!r}); the checkpoint is damaged"
-            ) from exc
+        first_key: dict[str, str] = {}
+        for item in items:
+            first_key.setdefault(self.storage_data[item.storage_index].relative_path, item.storage_index.fqn)
+        sizes: dict[str, int] = {}
+        for relative_path, fqn in first_key.items():
+            try:
+                sizes[relative_path] = os.stat(self.path / relative_path).st_size
+            except FileNotFoundError as exc:
+                raise CheckpointIOError(
+                    f"data file {relative_path!r} of checkpoint {str(self.path)!r} is missing "
+                    f"(needed by {fqn!r}); the checkpoint is damaged"
+                ) from exc
+            self._check_size(relative_path, sizes[relative_path], fqn)
+        block_bytes = {name: self.checksums[name].block_bytes for name in first_key if name in self.checksums}
+        read_plan = plan_reads(items, self.storage_data, stored_tensors(getattr(planner, "metadata", None)),
+                               sizes, block_bytes, self.config.chunk_bytes)
+        for f in read_plan.files:
+            for record in f.records:
+                if record.end > f.size:
+                    raise CheckpointIOError(
+                        f"{record.item.storage_index.fqn!r}: {f.relative_path} is truncated (wanted {record.length} "
+                        f"bytes at offset {record.offset}, got {max(0, f.size - record.offset)}); the checkpoint "
+                        "is damaged"
+                    )
+        self._stream(read_plan, planner, tee)
 
     def _check_size(self, relative_path: str, size: int, fqn: str) -> None:
         checksums = self.checksums.get(relative_path)
@@ -265,9 +254,12 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 f"saved with {checksums.size} (holds {fqn!r}); the checkpoint is damaged"
             )
 
-    def _stream(self, read_plan: ReadPlan, files: list[tuple[int, str]], planner: LoadPlanner,
-                tee: _Tee | None = None) -> None:
-        """Reads in flight through the engine; each window verified, then delivered, as it lands."""
+    def _stream(self, read_plan: ReadPlan, planner: LoadPlanner, tee: _Tee | None = None) -> None:
+        """Reads in flight through the engine; each window verified, then delivered, as it lands.
+
+        Files are opened when their first read is submitted and closed once their last window is
+        delivered: a stock checkpoint of one file per tensor keeps only a few open.
+        """
         config = self.config
         count = max(2, config.queue_depth)  # one geometry per config, so every load reuses the same pool
         engine = create_read_engine(config.io_engine, io_threads=config.io_threads, queue_depth=count)
@@ -276,6 +268,18 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         deliveries: dict[int, RecordDelivery] = {}
         gpu_copies: dict[int, Any] = {}  # buffer index -> CUDA event after the copies out of it
 
+        opened: dict[int, int] = {}
+        last_window = {w.file_index: i for i, w in enumerate(read_plan.windows)}
+
+        def open_file(index: int) -> tuple[int, str]:
+            path = str(self.path / read_plan.files[index].relative_path)
+            if index not in opened:
+                try:
+                    opened[index] = open_for_read(path, config.direct_io).fd
+                except FileNotFoundError as exc:
+                    raise CheckpointIOError(f"data file {path!r} disappeared while loading") from exc
+            return opened[index], path
+
         def before_reuse(buffer: HostBuffer) -> None:
             event = gpu_copies.pop(buffer.index, None)
             if event is not None:
@@ -283,10 +287,10 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
 
         try:
             with checkout_pool(read_plan.buffer_bytes, count, torch.cuda.is_available()) as pool, \
-                    contextlib.closing(stream_windows(read_plan.windows, files, engine, pool, before_reuse)) as landing:
+                    contextlib.closing(stream_windows(read_plan.windows, open_file, engine, pool, before_reuse)) as landing:
                 # closing(): on an error, wait for the reads in flight and return their buffers right here
                 clock = time.perf_counter()
-                for landed in landing:
+                for number, landed in enumerate(landing):
                     now = time.perf_counter()
                     stats.wait_seconds += now - clock
                     window, buffer = landed.window, landed.buffer
@@ -327,10 +331,14 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                         gpu_copies[buffer.index] = event
                     now, clock = clock, time.perf_counter()
                     stats.deliver_seconds += clock - now
+                    if last_window[window.file_index] == number:
+                        os.close(opened.pop(window.file_index))
                 for event in gpu_copies.values():
                     event.synchronize()
         finally:
             engine.close()
+            for fd in opened.values():
+                os.close(fd)
         if deliveries:  # every record ends inside a window; anything left means the plan is wrong
             leftover = next(iter(deliveries.values())).record
             raise CheckpointIOError(f"{leftover.item.storage_index.fqn!r}: record was not fully read (internal error)")

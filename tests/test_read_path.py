@@ -381,3 +381,19 @@ def test_records_split_anywhere_across_windows(tmp_path, verify, monkeypatch):
     assert all(torch.equal(target[k], v) for k, v in state.items())
     assert reader.last_read.framed == 300
     assert reader.last_read.windows >= reader.last_read.bytes_read // 8192
+
+
+def test_a_stock_checkpoint_of_a_file_per_tensor_keeps_few_files_open(tmp_path):
+    import resource
+
+    state = {f"t{i}": torch.full((100,), float(i)) for i in range(300)}
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "c", single_file_per_rank=False), no_dist=True)
+    assert sum(p.suffix == ".distcp" for p in (tmp_path / "c").iterdir()) == 300
+    target = {k: torch.zeros(100) for k in state}
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(200, hard), hard))  # fewer than the checkpoint's files
+    try:
+        dcp.load(target, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert all(torch.equal(target[k], v) for k, v in state.items())
