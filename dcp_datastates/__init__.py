@@ -25,6 +25,7 @@ from dcp_datastates.errors import (
     IncompleteCheckpointError,
     MissingKeysError,
     UnsafeCheckpointError,
+    UnsupportedCheckpointError,
 )
 from dcp_datastates.guard import install_optimizer_guard, wait_staged
 from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
@@ -47,6 +48,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "MissingKeysError",
     "UnsafeCheckpointError",
+    "UnsupportedCheckpointError",
     "install_optimizer_guard",
     "wait_staged",
 ]

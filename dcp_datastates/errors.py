@@ -45,3 +45,7 @@ class CorruptCheckpointError(DataStatesError, ValueError):
     exception the malformed bytes would otherwise provoke, and never after running or
     allocating anything the file asked for.
     """
+
+
+class UnsupportedCheckpointError(DataStatesError, ValueError):
+    """The checkpoint uses a feature this reader cannot decode (the message starts "unsupported: <what>")."""

@@ -38,6 +38,7 @@ from dcp_datastates import (
 )
 from dcp_datastates.cli import main as cli_main
 from dcp_datastates.metadata_check import INTEGRITY_ATTR, metadata_digest, seal_metadata, validate_metadata
+from dcp_datastates.read_plan import plan_reads, stored_tensors
 from dcp_datastates.resume import latest_complete_checkpoint, list_complete_checkpoints
 
 STATE = {"w": torch.arange(3000.0), "b": torch.arange(7, dtype=torch.int64), "step": 42}
@@ -480,12 +481,10 @@ def test_metadata_check_and_read_planning_are_linear_in_records():
         loaded = load_metadata_bytes(data, "big/.metadata", trust=False)
         validate_metadata(loaded, "big/.metadata", budget=8 * len(data) + 100_000)
         metadata_digest(loaded)
-        reader = DataStatesReader("unused")
-        reader.storage_data = loaded.storage_data
         items = [ReadItem(LoadItemType.BYTE_IO, MetadataIndex(f"k{i}"), [], MetadataIndex(f"k{i}"), [], []) for i in range(n)]
-        windows = reader._windows(items, 4096, None)
+        plan = plan_reads(items, loaded.storage_data, stored_tensors(loaded), {"__0_ab_1.distcp": 16 * n}, {}, 64 * 1024**2)
         timings[n] = time.perf_counter() - start
-        assert sum(len(w.items) for w in windows) == n
+        assert sum(len(w.records) for w in plan.windows) == n
     # 10x the records may cost at most ~25x the time (linear plus noise on a shared 2-core machine), and
     # 100k records plan in seconds, not the minutes a quadratic planner took
     assert timings[100_000] < 25 * timings[10_000] + 1.0 and timings[100_000] < 60, timings
