@@ -56,8 +56,12 @@ class OpenedReadFile:
 
 
 def open_for_read(path: str, direct: bool) -> OpenedReadFile:
-    """Open ``path`` read-only; O_DIRECT when asked and supported (tmpfs says EINVAL)."""
-    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+    """Open ``path`` read-only; O_DIRECT when asked and supported (tmpfs says EINVAL).
+
+    Never through a symlink, and never blocking on a FIFO: a checkpoint's files were checked to
+    be regular files, and these flags keep a file swapped in after that check from escaping it.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     if direct and hasattr(os, "O_DIRECT"):
         try:
             return OpenedReadFile(os.open(path, flags | os.O_DIRECT), path, True)
