@@ -137,6 +137,16 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 "(the old checkpoint stays intact until the new one is committed)."
             )
 
+    def _release_claim_on_failure(self, snapshot_done: ThreadFuture[Any]) -> None:
+        """Free the directory if the staged snapshot fails: DCP then calls neither write_data nor finish."""
+        claim = self._claim
+
+        def on_done(done: ThreadFuture[Any]) -> None:
+            if done.exception() is not None and claim is not None:
+                claim.release()
+
+        snapshot_done.add_done_callback(on_done)
+
     def _end_save(self) -> None:
         """Release this writer's claim (idempotent): after the commit, or once the save has failed."""
         claim, self._claim = self._claim, None
@@ -178,6 +188,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         layout = planner.plan_layout(items, f"__{rank}_{self.save_id[:8]}_")
         snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool()).start()
         self._snapshot = snapshot
+        self._release_claim_on_failure(snapshot.done)
         staged: ThreadFuture[STATE_DICT_TYPE] = ThreadFuture()
 
         def on_staged(f: ThreadFuture[None]) -> None:
