@@ -43,12 +43,17 @@ def assert_loads_as(path: Path, value: float) -> None:
 
 
 def hold_the_sealer(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Stop the first save's first buffer on its way to the engine until ``release`` is set."""
     reached, release = threading.Event(), threading.Event()
     real = chunk_stream.ChunkedFileStream._checksum_and_submit
+    held_stream: list[object] = []
 
     def held(self, sealed):
-        reached.set()
-        assert release.wait(60), "test never released the pipeline"
+        if not held_stream:
+            held_stream.append(self)
+        if held_stream[0] is self:  # later saves run freely: a broken lock must fail, not hang
+            reached.set()
+            release.wait(60)  # never raise here: the sealer must go on (a failing test releases late)
         return real(self, sealed)
 
     monkeypatch.setattr(chunk_stream.ChunkedFileStream, "_checksum_and_submit", held)
@@ -69,7 +74,8 @@ def test_a_second_save_in_another_thread_is_refused_naming_the_first(tmp_path, e
 
     def second_save() -> None:  # another training thread (or a careless callback) saving here too
         try:
-            writer = DataStatesWriter(path, small_config(engine), overwrite=True)
+            # Its own pool (another geometry): were it let in, it would not wait for the held save's buffers.
+            writer = DataStatesWriter(path, small_config(engine, host_pool_bytes=8 * 8192), overwrite=True)
             if second == "async_save":
                 dcp.async_save(state_of(3.0), storage_writer=writer, no_dist=True).upload_completion.result()
             else:
@@ -81,6 +87,8 @@ def test_a_second_save_in_another_thread_is_refused_naming_the_first(tmp_path, e
     thread = threading.Thread(target=second_save)
     thread.start()
     thread.join(60)
+    if results and results[0] is None:
+        release.set()  # the mutation case: let the first save end before failing
     assert not thread.is_alive() and len(results) == 1 and results[0] is not None
     error = results[0]
     if second == "async_save":

@@ -47,7 +47,7 @@ def hold_the_sealer(monkeypatch) -> tuple[threading.Event, threading.Event]:
 
     def held(self, sealed):
         reached.set()
-        assert release.wait(60), "test never released the pipeline"
+        release.wait(60)  # never raise here: the sealer must go on (a failing test releases late)
         return real(self, sealed)
 
     monkeypatch.setattr(chunk_stream.ChunkedFileStream, "_checksum_and_submit", held)
