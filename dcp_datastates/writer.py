@@ -137,15 +137,20 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 "(the old checkpoint stays intact until the new one is committed)."
             )
 
-    def _release_claim_on_failure(self, snapshot_done: ThreadFuture[Any]) -> None:
-        """Free the directory if the staged snapshot fails: DCP then calls neither write_data nor finish."""
+    def _release_claim_on_failure(self, snapshot: Snapshot) -> None:
+        """Free the directory if the staged snapshot fails: DCP then calls neither write_data nor finish.
+
+        Watches ``staged`` too: its failure is what DCP's save thread reports first, and the
+        snapshot has removed its files by then.
+        """
         claim = self._claim
 
-        def on_done(done: ThreadFuture[Any]) -> None:
-            if done.exception() is not None and claim is not None:
+        def on_done(future: ThreadFuture[Any]) -> None:
+            if future.exception() is not None and claim is not None:
                 claim.release()
 
-        snapshot_done.add_done_callback(on_done)
+        snapshot.staged.add_done_callback(on_done)
+        snapshot.done.add_done_callback(on_done)
 
     def _end_save(self) -> None:
         """Release this writer's claim (idempotent): after the commit, or once the save has failed."""
@@ -188,7 +193,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         layout = planner.plan_layout(items, f"__{rank}_{self.save_id[:8]}_")
         snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool()).start()
         self._snapshot = snapshot
-        self._release_claim_on_failure(snapshot.done)
+        self._release_claim_on_failure(snapshot)
         staged: ThreadFuture[STATE_DICT_TYPE] = ThreadFuture()
 
         def on_staged(f: ThreadFuture[None]) -> None:
