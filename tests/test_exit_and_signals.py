@@ -10,6 +10,7 @@ end the process promptly. Afterwards the directory either loads exactly or has n
 
 from __future__ import annotations
 
+import select
 import signal
 import subprocess
 import sys
@@ -82,8 +83,12 @@ def run_script(tmp_path: Path, how: str, delay: float, engine: str = "threads", 
         text=True,
     )
     try:
-        line = proc.stdout.readline()
-        assert line.strip() == "in flight", proc.communicate(timeout=60)
+        # Bounded wait for the script's line: a script that hangs before it must fail the test, not hang it.
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline() if ready else "(no line within 120 s)"
+        if line.strip() != "in flight":
+            proc.kill()
+            pytest.fail(f"script did not reach its exit point: {line!r}\n{proc.communicate(timeout=60)[1]}")
         start = time.monotonic()
         if signum is not None:
             proc.send_signal(signum)
