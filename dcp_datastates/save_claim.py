@@ -23,6 +23,7 @@ import json
 import os
 import socket
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,6 +145,7 @@ class SaveClaim:
     from_stage: bool  # started by AsyncStager.stage(), before DCP's own planning
     confirmed: bool = False  # DCP's prepare_local_plan has seen it
     relock_tag: str | None = None  # handed over by pickling: take the lock again as this save tag
+    finalizer: "weakref.finalize | None" = field(default=None, repr=False)  # releases it if the writer is dropped
     _released: bool = field(default=False, repr=False)
 
     def release(self) -> None:
@@ -151,6 +153,8 @@ class SaveClaim:
             self._released = True
             if self.lock is not None:
                 self.lock.release()
+            if self.finalizer is not None:
+                self.finalizer.detach()
 
     def take_lock_again(self) -> None:
         """In the process a claim was shipped to: lock the directory for the rest of the save."""
@@ -167,7 +171,7 @@ class SaveClaim:
         """
         state = dict(self.__dict__)
         lock = state.pop("lock")
-        state["lock"] = None
+        state["lock"], state["finalizer"] = None, None
         if lock is not None and not self._released:
             state["relock_tag"] = lock.save_tag
             lock.release()

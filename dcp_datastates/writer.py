@@ -128,7 +128,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             lock.acquire()
         claim = self._claim = SaveClaim(identity, lock, from_stage=from_stage, confirmed=not from_stage)
         # The lock dies with the process; this drops it sooner if the writer is dropped mid-save.
-        weakref.finalize(self, claim.release)
+        claim.finalizer = weakref.finalize(self, claim.release)
         if has_complete_checkpoint(self.path) and not self.overwrite:
             self._end_save()
             raise CheckpointExistsError(
