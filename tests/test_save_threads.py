@@ -31,7 +31,7 @@ def roundtrip(path, state, engine="threads", use_async=False) -> DataStatesWrite
     out = {k: torch.zeros_like(v) for k, v in state.items()}
     dcp.load(out, storage_reader=DataStatesReader(path), no_dist=True)
     for k, v in state.items():
-        assert torch.equal(out[k], v.cpu()), k
+        assert torch.equal(out[k].cpu(), v.cpu()), k
     return writer
 
 
@@ -83,6 +83,7 @@ def test_save_workers_are_plain_threads_that_end_with_the_save(tmp_path):
 @pytest.mark.gpu
 def test_device_copies_take_the_async_path_on_one_dedicated_stream(tmp_path):
     device = torch.cuda.device_count() - 1  # a non-default device where there is one
+    previous = torch.cuda.current_device()
     torch.cuda.set_device(device)
     state = {"a": torch.randn(100_000, device=f"cuda:{device}"), "b": torch.arange(10_000, device=f"cuda:{device}")}
     sealer_devices: list[int] = []
@@ -98,6 +99,7 @@ def test_device_copies_take_the_async_path_on_one_dedicated_stream(tmp_path):
         second = roundtrip(tmp_path / "c2", state, use_async=True)
     finally:
         chunk_stream._set_up_sealer_thread = real_setup
+        torch.cuda.set_device(previous)
     for writer in (first, second):
         stats = writer.last_stats
         total = sum(t.numel() * t.element_size() for t in state.values())
