@@ -10,20 +10,94 @@ buffer while later ones are still being copied. A rank's thousands of small tens
 become a handful of ``chunk_bytes`` writes. The last buffer is padded to the O_DIRECT
 alignment and the file is then truncated to its exact length, so no garbage byte
 survives past the end.
+
+The sealer is a plain thread fed through a queue -- never a ``concurrent.futures``
+executor, which refuses work once the interpreter has begun to exit and would leave a
+save that a returning script must finish waiting forever (see ``shutdown``). A buffer
+is counted as pending only once it is queued, so every count has a worker behind it.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
 from dcp_datastates.buffer_pool import HostBuffer, HostBufferPool
 from dcp_datastates.config import DIRECT_IO_ALIGNMENT
+from dcp_datastates.errors import CheckpointDirectoryChangedError
 from dcp_datastates.kernels import block_checksums
 from dcp_datastates.native import OpenedFile, WriteEngine, WriteRequest
+from dcp_datastates.shutdown import check_not_abandoned, install_exit_hook
+
+
+@dataclass
+class _Sealed:
+    """A full (or final) buffer on its way to the disk."""
+
+    buffer: HostBuffer
+    used: int  # bytes of data in it
+    length: int  # bytes to write (``used`` rounded up to the O_DIRECT alignment for the tail)
+    offset: int  # file offset of its first byte
+    copied: "torch.cuda.Event | None"  # recorded after its device copies, if any
+
+
+def check_still_linked(fd: int, path: str) -> None:
+    """Fail if the file written through ``fd`` is no longer what ``path`` names.
+
+    ``rm -rf`` of the checkpoint directory mid-save does not stop writes into open files:
+    they land in unlinked inodes, and a commit would publish ``.metadata`` for files that
+    do not exist. Checked after the data is durable, right before the rank reports it.
+    """
+    written = os.fstat(fd)
+    replaced = written.st_nlink == 0
+    if not replaced:
+        try:
+            named = os.stat(path)
+        except FileNotFoundError:
+            replaced = True
+        else:
+            replaced = (named.st_dev, named.st_ino) != (written.st_dev, written.st_ino)
+    if replaced:
+        raise CheckpointDirectoryChangedError(
+            f"{path} was removed or replaced while this checkpoint was being written (was the checkpoint "
+            "directory deleted, or is another job saving into it?); the save is not committed. "
+            "Save again into a directory nothing else touches."
+        )
+
+
+def checksum_threads() -> int:
+    """numba threads one sealer may use for checksums: a small share of this rank's cores.
+
+    numba's default is every core, and every rank of a node has its own sealer: 8 ranks x
+    all cores of parallel hashing would starve the data loaders and NCCL's threads. One
+    core hashes XXH64 at several GB/s -- above what one rank's share of the disk takes.
+    """
+    import numba
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(4, cores // (2 * local_ranks), numba.config.NUMBA_NUM_THREADS))
+
+
+def _set_up_sealer_thread(device: "torch.device | None") -> None:
+    """Per-thread state of a sealer: its CUDA device, and numba's thread cap.
+
+    Both are thread-local. Without ``set_device`` a fresh thread's first CUDA call
+    (``Event.synchronize``) creates a context on GPU 0: seven stray contexts on an
+    8-GPU node.
+    """
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+    import numba
+
+    numba.set_num_threads(checksum_threads())
 
 
 class ChunkedFileStream:
@@ -59,13 +133,19 @@ class ChunkedFileStream:
         self._buffer: HostBuffer | None = None
         self._fill = 0
         self._buffer_offset = 0  # file offset of the current buffer's first byte
-        # One thread, so buffers are checksummed and submitted in file order.
-        self._sealer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-datastates-seal")
-        self._pending = 0  # sealed buffers not yet written (or failed)
+        # One thread, so buffers are checksummed and submitted in file order. Started on the
+        # first seal; a plain thread and queue (see the module docstring for why).
+        self._queue: queue.SimpleQueue[_Sealed | None] = queue.SimpleQueue()
+        self._sealer: threading.Thread | None = None
+        self._sealer_stopped = False
+        self._pending = 0  # sealed buffers queued and not yet written (or failed)
         self._cond = threading.Condition()
         self._error: BaseException | None = None
         self._closed = False
         self.writes_submitted = 0
+        self.device_copies = 0  # asynchronous device-to-host copies queued on the copy stream
+        self.copy_events = 0  # per-buffer CUDA events recorded after them
+        install_exit_hook()
 
     @property
     def position(self) -> int:
@@ -75,6 +155,7 @@ class ChunkedFileStream:
     def _current(self) -> HostBuffer:
         if self._buffer is None:
             self._raise_if_failed()
+            check_not_abandoned()
             self._buffer = self._pool.acquire()
         return self._buffer
 
@@ -104,6 +185,7 @@ class ChunkedFileStream:
                 with torch.cuda.stream(stream):
                     buffer.tensor[self._fill : self._fill + n].copy_(flat_bytes[pos : pos + n], non_blocking=True)
                 self._device_copies_pending = self._buffer_has_device_copies = True
+                self.device_copies += 1
             else:  # host memory, or a GPU other than the stream's: a synchronous copy
                 buffer.tensor[self._fill : self._fill + n].copy_(flat_bytes[pos : pos + n])
             self._advance(n)
@@ -115,7 +197,11 @@ class ChunkedFileStream:
         Checksums and disk writes may still be running: they read the pool, not the live state.
         """
         if self._device_copies_pending and self._copy_stream is not None:
-            self._copy_stream.synchronize()
+            # A blocking-sync event rather than stream.synchronize(): the wait sleeps instead of
+            # spinning a core (the device's default schedule may spin).
+            done = torch.cuda.Event(blocking=True)
+            done.record(self._copy_stream)
+            done.synchronize()
             self._device_copies_pending = False
 
     def _advance(self, n: int) -> None:
@@ -130,19 +216,47 @@ class ChunkedFileStream:
         copied: torch.cuda.Event | None = None
         if self._buffer_has_device_copies:
             assert self._copy_stream is not None
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(blocking=True)  # the sealer sleeps on it, never spins
             copied.record(self._copy_stream)
+            self.copy_events += 1
             self._buffer_has_device_copies = False
+        if self._sealer_stopped:
+            raise RuntimeError(f"{self._target.path}: stream already closed")
+        self._start_sealer()  # may raise: then nothing was counted and the buffer is still ours
         self._buffer = None
         self._buffer_offset += used
         self._fill = 0
         with self._cond:
             self._pending += 1
-        self._sealer.submit(self._checksum_and_submit, buffer, used, length, offset, copied)
+        self._queue.put(_Sealed(buffer, used, length, offset, copied))
 
-    def _checksum_and_submit(
-        self, buffer: HostBuffer, used: int, length: int, offset: int, copied: "torch.cuda.Event | None"
-    ) -> None:
+    def _start_sealer(self) -> None:
+        if self._sealer is not None:
+            return
+        device = self._copy_stream.device if self._copy_stream is not None else None
+        sealer = threading.Thread(target=self._seal_forever, args=(device,), name="dcp-datastates-seal", daemon=True)
+        sealer.start()
+        self._sealer = sealer
+
+    def _seal_forever(self, device: "torch.device | None") -> None:
+        try:
+            _set_up_sealer_thread(device)
+        except BaseException as exc:  # noqa: BLE001 - reported like a failed write
+            self._fail(exc)
+        while True:
+            sealed = self._queue.get()
+            if sealed is None:
+                return
+            self._checksum_and_submit(sealed)
+
+    def _fail(self, error: BaseException) -> None:
+        with self._cond:
+            if self._error is None:
+                self._error = error
+
+    def _checksum_and_submit(self, sealed: _Sealed) -> None:
+        buffer = sealed.buffer
+
         def on_done(error: BaseException | None) -> None:
             self._pool.release(buffer)
             with self._cond:
@@ -152,15 +266,17 @@ class ChunkedFileStream:
                 self._cond.notify_all()
 
         try:
-            if copied is not None:
+            if sealed.copied is not None:
                 # The engine and the checksum must see the copied bytes -- and the buffer may not go
                 # back to the pool, even after a failure, while a copy into it is still in flight.
-                copied.synchronize()
+                sealed.copied.synchronize()
             if self._error is not None:  # an earlier write failed: the file is lost anyway
                 raise self._error
+            check_not_abandoned()
             if self._checksum_block_bytes is not None:
-                self.checksums += block_checksums(buffer.view[:used], self._checksum_block_bytes)
-            self._engine.submit(WriteRequest(self._target.fd, self._target.path, buffer.view[:length], offset, on_done))
+                self.checksums += block_checksums(buffer.view[: sealed.used], self._checksum_block_bytes)
+            request = WriteRequest(self._target.fd, self._target.path, buffer.view[: sealed.length], sealed.offset, on_done)
+            self._engine.submit(request)
             self.writes_submitted += 1
         except BaseException as exc:  # noqa: BLE001 - reported by close() / the next append
             on_done(exc)
@@ -170,7 +286,11 @@ class ChunkedFileStream:
             raise self._error
 
     def _wait_all(self) -> None:
-        self._sealer.shutdown(wait=True)
+        """Stop the sealer after the buffers queued so far, and wait until each is written or failed."""
+        if self._sealer is not None and not self._sealer_stopped:
+            self._sealer_stopped = True
+            self._queue.put(None)
+            self._sealer.join()
         with self._cond:
             self._cond.wait_for(lambda: self._pending == 0)
 
@@ -185,6 +305,7 @@ class ChunkedFileStream:
             os.ftruncate(self._target.fd, size)
             if fsync:
                 os.fsync(self._target.fd)
+            check_still_linked(self._target.fd, self._target.path)
         finally:
             self.abort()
         return size

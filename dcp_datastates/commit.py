@@ -1,26 +1,38 @@
 """Atomic commit: a checkpoint is visible only once every byte of it is durable.
 
 The protocol (the commit step):
-1. every rank writes its data files under names unique to this save and fsyncs them;
-2. the coordinator pickles ``Metadata`` to a temporary name, fsyncs it, and renames
-   it to ``.metadata`` -- the single atomic act that makes the checkpoint exist;
-3. it fsyncs the directory so the rename and the new file names survive a crash;
-4. only then are the data files of a replaced checkpoint deleted.
+1. every rank writes its data files under names unique to this save, fsyncs them, and
+   checks they are still linked under their names (``chunk_stream.check_still_linked``);
+2. the coordinator opens the directory the save *started* in (same device and inode, see
+   ``save_claim``) and checks that every file the metadata references is there, at least
+   as long as its records need -- a directory removed or files replaced mid-save fail here;
+3. it pickles ``Metadata`` to a temporary name, fsyncs it, and renames it to
+   ``.metadata`` -- the single atomic act that makes the checkpoint exist;
+4. it fsyncs the directory so the rename and the new file names survive a crash;
+5. only then are the data files of a replaced checkpoint deleted.
 
-Because new data files never reuse the old names, overwriting a checkpoint cannot
-corrupt it: until step 2 the old ``.metadata`` still points at intact old files.
+Every step works through the descriptor of step 2, so nothing is ever created in a
+directory that replaced the original. Because new data files never reuse the old names,
+overwriting cannot corrupt the old checkpoint: until step 3 its ``.metadata`` points at
+intact old files, and a crash at any point leaves the old checkpoint or the new one,
+never neither (``tests/test_commit_crash.py`` kills the process at each step).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import Metadata
 
-from dcp_datastates.errors import CheckpointPathError
+from dcp_datastates.errors import CheckpointDirectoryChangedError, CheckpointIOError, CheckpointPathError
+from dcp_datastates.save_claim import DirectoryIdentity
+
+logger = logging.getLogger("dcp_datastates")
 
 METADATA_FILE = ".metadata"
 #: Files a DCP writer (ours or stock) creates; the only ones a commit may delete.
@@ -53,7 +65,52 @@ def has_complete_checkpoint(path: Path) -> bool:
     return (path / METADATA_FILE).is_file()
 
 
-def fsync_directory(path: Path) -> None:
+def required_sizes(records: Iterable[tuple[str, int, int]]) -> dict[str, int]:
+    """``(relative_path, offset, length)`` records -> the least size each file must have."""
+    sizes: dict[str, int] = {}
+    for name, offset, length in records:
+        sizes[name] = max(sizes.get(name, 0), offset + length)
+    return sizes
+
+
+def check_files(dir_fd: int, directory: Path, required: dict[str, int]) -> None:
+    """Every referenced file exists and is long enough: never publish a ``.metadata`` over holes."""
+    problems = []
+    for name, size in sorted(required.items()):
+        try:
+            actual = os.stat(name, dir_fd=dir_fd).st_size
+        except FileNotFoundError:
+            problems.append(f"{name} is missing")
+            continue
+        if actual < size:
+            problems.append(f"{name} has {actual} bytes, its records need {size}")
+    if problems:
+        raise CheckpointDirectoryChangedError(
+            f"refusing to commit {str(directory)!r}: {'; '.join(problems[:5])}"
+            f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. Files were removed or replaced "
+            "while the save ran (another job, a cleanup script, rm -rf?); no .metadata was written."
+        )
+
+
+def write_temp_metadata(dir_fd: int, tmp_name: str, metadata: Metadata, fsync: bool) -> None:
+    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=dir_fd)
+    with open(fd, "wb") as f:
+        pickle.dump(metadata, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+
+
+def publish(dir_fd: int, tmp_name: str) -> None:
+    """The commit point: after this rename the new checkpoint exists, before it the old one does."""
+    os.replace(tmp_name, METADATA_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+
+def fsync_directory(path: Path | int) -> None:
+    """fsync a directory, given by path or by an open descriptor."""
+    if isinstance(path, int):
+        os.fsync(path)
+        return
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -61,30 +118,69 @@ def fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def commit_metadata(path: Path, metadata: Metadata, save_tag: str, fsync: bool) -> None:
-    """Write ``.metadata`` atomically (temp file, fsync, rename, directory fsync)."""
-    tmp = path / f"{METADATA_FILE}.{save_tag}.tmp"
-    try:
-        with open(tmp, "wb") as f:
-            pickle.dump(metadata, f, protocol=pickle.HIGHEST_PROTOCOL)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path / METADATA_FILE)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        fsync_directory(path)
-
-
-def remove_stale_files(path: Path, keep: set[str]) -> list[str]:
+def remove_stale_files(dir_fd: int, keep: set[str]) -> list[str]:
     """Delete data files of a replaced checkpoint and leftover temp metadata; never anything else."""
     removed = []
-    for entry in os.scandir(path):
-        if entry.name in keep or not entry.is_file():
+    for entry in os.scandir(dir_fd):
+        if entry.name in keep or not entry.is_file(follow_symlinks=False):
             continue
         if _DATA_FILE_RE.match(entry.name) or _TMP_METADATA_RE.match(entry.name):
-            os.unlink(entry.path)
+            os.unlink(entry.name, dir_fd=dir_fd)
             removed.append(entry.name)
     return removed
+
+
+def commit_checkpoint(
+    identity: DirectoryIdentity,
+    metadata: Metadata,
+    save_tag: str,
+    *,
+    fsync: bool,
+    required: dict[str, int],
+    keep: set[str],
+) -> list[str]:
+    """Run steps 2-5 of the protocol; return the stale files removed.
+
+    Raises :class:`CheckpointDirectoryChangedError` (nothing published) when the directory
+    or a file vanished, and :class:`CheckpointIOError` when the directory fsync fails after
+    the rename (the checkpoint is published and loads, but may not survive a power loss).
+    A failure to remove stale files is only logged: the checkpoint is committed, and the
+    leftovers are removed by the next overwrite.
+    """
+    dir_fd = identity.open()
+    try:
+        check_files(dir_fd, identity.path, required)
+        tmp_name = f"{METADATA_FILE}.{save_tag}.tmp"
+        try:
+            write_temp_metadata(dir_fd, tmp_name, metadata, fsync)
+            publish(dir_fd, tmp_name)
+        except BaseException as exc:
+            try:
+                os.unlink(tmp_name, dir_fd=dir_fd)
+            except FileNotFoundError:
+                pass
+            if isinstance(exc, FileNotFoundError):  # the directory was unlinked after step 2
+                raise identity.changed("was removed") from exc
+            raise
+        if fsync:
+            try:
+                fsync_directory(dir_fd)
+            except OSError as exc:
+                raise CheckpointIOError(
+                    exc.errno,
+                    f"checkpoint {str(identity.path)!r} was published (.metadata renamed into place) but fsync "
+                    f"of the directory failed ({exc.strerror}): it loads now, but may not survive a power loss. "
+                    "Check the file system, then save again.",
+                ) from exc
+        try:
+            return remove_stale_files(dir_fd, keep)
+        except OSError as exc:
+            logger.warning(
+                "dcp_datastates: checkpoint %s is committed, but removing the replaced checkpoint's files failed "
+                "(%s); they are harmless and the next overwrite removes them",
+                identity.path,
+                exc,
+            )
+            return []
+    finally:
+        os.close(dir_fd)

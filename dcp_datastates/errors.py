@@ -49,3 +49,18 @@ class CorruptCheckpointError(DataStatesError, ValueError):
 
 class UnsupportedCheckpointError(DataStatesError, ValueError):
     """The checkpoint uses a feature this reader cannot decode (the message starts "unsupported: <what>")."""
+
+
+class SaveAbandonedError(DataStatesError, RuntimeError):
+    """An in-flight save was abandoned because the process is being interrupted (Ctrl-C)."""
+
+
+class CheckpointDirectoryChangedError(CheckpointIOError):
+    """The checkpoint directory, or a data file in it, was removed or replaced while a save ran.
+
+    The save is not committed: publishing ``.metadata`` would point at missing or short files.
+    """
+
+
+class CheckpointBusyError(DataStatesError, BlockingIOError):
+    """Another save (this process or another one) is writing into the same checkpoint directory."""

@@ -20,11 +20,11 @@ being copied, and ``staged`` waits for the copies alone, never for checksums or 
 from __future__ import annotations
 
 import contextlib
-import io
+import io  # noqa: F401 - named in the Resolver alias
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,11 +39,12 @@ from dcp_datastates.checksums import (
     checksums_of,
     write_checksum_file,
 )
-from dcp_datastates.chunk_stream import ChunkedFileStream
+from dcp_datastates.chunk_stream import ChunkedFileStream, check_still_linked
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.framing import tensor_bytes_view
 from dcp_datastates.layout import RankLayout
 from dcp_datastates.native import create_engine, open_for_write
+from dcp_datastates.shutdown import check_not_abandoned
 
 Resolver = Callable[[WriteItem], "torch.Tensor | io.BytesIO"]
 
@@ -75,6 +76,10 @@ class SnapshotResult:
     tensor_bytes: int = 0
     tensor_writes: int = 0
     object_bytes: int = 0
+    #: Asynchronous device-to-host copies queued on the copy stream (0 for host-only state).
+    device_copies: int = 0
+    #: Per-buffer CUDA events the sealer waited on before checksumming and writing a buffer.
+    copy_events: int = 0
 
 
 class Snapshot:
@@ -120,13 +125,13 @@ class Snapshot:
         checksums: dict[str, FileChecksums] = {}
         try:
             # Objects are pickled on their own thread while the tensor bytes stream.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-datastates-objects") as objects_thread:
-                objects = objects_thread.submit(self._write_objects, result, checksums)
-                try:
-                    self._write_tensors(result, checksums)
-                finally:
-                    self._objects_pickled.set()  # never leave the tensor side waiting on a failed pickle
-                objects.result()
+            objects = _ObjectsThread(self._write_objects, result, checksums, self._cuda_device)
+            try:
+                self._write_tensors(result, checksums)
+            finally:
+                self._objects_pickled.set()  # never leave the tensor side waiting on a failed pickle
+                objects.join()
+            objects.raise_if_failed()
             if not self.staged.done():
                 self.staged.set_result(None)
             if self._config.checksums and checksums:
@@ -152,6 +157,7 @@ class Snapshot:
         contents = bytearray()
         try:
             for item in self.layout.object_items:
+                check_not_abandoned()
                 payload = self._resolve(item).getbuffer()  # type: ignore[union-attr]
                 result.records[item.index] = RecordLocation(self.layout.object_file, len(contents), len(payload))
                 contents += payload
@@ -166,6 +172,7 @@ class Snapshot:
             f.flush()
             if self._config.fsync:
                 os.fsync(f.fileno())
+            check_still_linked(f.fileno(), str(path))
         result.object_bytes = len(contents)
         checksums[self.layout.object_file] = checksums_of(contents, self._config.checksum_block_bytes)
 
@@ -209,17 +216,92 @@ class Snapshot:
             raise RuntimeError(f"wrote {size} bytes to {path}, layout planned {self.layout.tensor_file_bytes}")
         result.tensor_bytes = size
         result.tensor_writes = stream.writes_submitted
+        result.device_copies, result.copy_events = stream.device_copies, stream.copy_events
         checksums[self.layout.tensor_file] = FileChecksums(size, block_bytes, tuple(stream.checksums))
 
     def _copy_stream(self) -> "torch.cuda.Stream | None":
-        """A side stream on the caller's GPU, ordered after what training queued before the save."""
+        """The caller's GPU's copy stream, ordered after what training queued before the save."""
         if self._cuda_device is None:
             return None
         torch.cuda.set_device(self._cuda_device)  # this (snapshot) thread starts on device 0
-        stream = torch.cuda.Stream(device=self._cuda_device)
+        stream = dedicated_copy_stream(self._cuda_device)
         assert self._stream_ready is not None
         stream.wait_event(self._stream_ready)
         return stream
+
+
+_copy_streams: dict[int, "torch.cuda.Stream"] = {}
+_copy_streams_lock = threading.Lock()
+_CUDA_STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking: no implicit sync with the legacy default stream
+
+
+def dedicated_copy_stream(device: int) -> "torch.cuda.Stream":
+    """One copy stream per device for the life of the process, shared by every save.
+
+    ``torch.cuda.Stream()`` hands out streams round-robin from a small per-device pool that
+    NCCL, FSDP and other libraries draw from too: a new one per save may alias a stream in
+    use and queue our copies behind their work (or theirs behind ours). So the stream is
+    created outside that pool (``cudaStreamCreateWithFlags`` in the libcudart torch
+    loaded, non-blocking like torch's own) once per device; only where that runtime cannot
+    be reached is one pool stream drawn -- once, not per save.
+    """
+    with _copy_streams_lock:
+        stream = _copy_streams.get(device)
+        if stream is None:
+            stream = _copy_streams[device] = _create_stream_outside_pool(device) or torch.cuda.Stream(device=device)
+        return stream
+
+
+def _create_stream_outside_pool(device: int) -> "torch.cuda.Stream | None":
+    import ctypes
+    import logging
+
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = {line.split()[-1] for line in maps if "libcudart.so" in line}
+        if len(paths) != 1:  # statically linked, or two runtimes: do not guess which one torch uses
+            raise OSError(f"found {len(paths)} libcudart libraries loaded")
+        cudart = ctypes.CDLL(paths.pop())
+        create = cudart.cudaStreamCreateWithFlags
+        create.argtypes, create.restype = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint], ctypes.c_int
+        handle = ctypes.c_void_p()
+        with torch.cuda.device(device):
+            status = create(ctypes.byref(handle), _CUDA_STREAM_NON_BLOCKING)
+        if status != 0 or not handle.value:
+            cudart.cudaGetLastError()  # clear the error so torch's next check does not report it
+            raise OSError(f"cudaStreamCreateWithFlags returned {status}")
+    except (OSError, AttributeError) as exc:
+        logging.getLogger("dcp_datastates").info(
+            "dcp_datastates: using a stream from torch's pool for device copies on cuda:%d (%s)", device, exc
+        )
+        return None
+    return torch.cuda.ExternalStream(handle.value, device=torch.device("cuda", device))
+
+
+class _ObjectsThread:
+    """Run ``write_objects`` on a plain thread (never an executor: see ``shutdown``) and keep its error."""
+
+    def __init__(self, write_objects: Callable[..., None], *args: object) -> None:
+        *call_args, cuda_device = args
+        self._error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                if cuda_device is not None:  # pickling a CUDA tensor touches CUDA from this thread
+                    torch.cuda.set_device(cuda_device)
+                write_objects(*call_args)
+            except BaseException as exc:  # noqa: BLE001 - re-raised on the snapshot thread
+                self._error = exc
+
+        self._thread = threading.Thread(target=run, name="dcp-datastates-objects", daemon=True)
+        self._thread.start()
+
+    def join(self) -> None:
+        self._thread.join()
+
+    def raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
 
 
 def _check_tensor_matches(item: WriteItem, tensor: object) -> None:

@@ -17,6 +17,7 @@ import dataclasses
 import os
 import uuid
 from collections.abc import Mapping
+import weakref
 from concurrent.futures import Future as ThreadFuture
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,16 +35,17 @@ from torch.futures import Future
 from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.checksums import checksum_file_name
 from dcp_datastates.commit import (
-    commit_metadata,
+    commit_checkpoint,
     has_complete_checkpoint,
     prepare_directory,
-    remove_stale_files,
+    required_sizes,
 )
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import CheckpointExistsError
 from dcp_datastates.metadata_check import expected_checksum_files, seal_metadata
 from dcp_datastates.planner import DataStatesSavePlanner, plan_layout
+from dcp_datastates.save_claim import DirectoryIdentity, DirectoryLock, SaveClaim
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotResult
 
 
@@ -92,6 +94,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self.last_stats: SnapshotResult | None = None  # what the last save on this rank did
         self._snapshot: Snapshot | None = None
         self._shipped_result: tuple[str, SnapshotResult] | None = None
+        self._claim: SaveClaim | None = None  # the running save's hold on its directory (save_claim.py)
 
     # -- StorageWriter: set-up and planning ------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -112,14 +115,67 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
+        """Claim the directory for this save -- or, after ``stage()`` claimed it, check it is still there.
+
+        Never creates the directory a second time: a directory removed after the snapshot
+        started must fail the save, not be re-created to receive a lone ``.metadata``.
+        """
+        claim = self._claim
+        if claim is not None and claim.from_stage and not claim.confirmed and claim.identity.path == self.path:
+            claim.confirmed = True
+            try:
+                claim.identity.check()
+                claim.take_lock_again()  # only where the claim was shipped to this process
+            except BaseException:
+                self._end_save()
+                raise
+        else:
+            self._begin_save(self.is_coordinator, from_stage=False)
+        return plan
+
+    def _begin_save(self, is_coordinator: bool, *, from_stage: bool = True) -> None:
+        """Start a save: create the directory once, record which one it is, lock it (coordinator).
+
+        ``stage()`` calls this first thing, so a bad, occupied or busy path fails in the
+        caller before any byte is copied.
+        """
+        self._end_save()  # a claim left by a save that failed before finish()
         prepare_directory(self.path)
+        identity = DirectoryIdentity.of(self.path)
+        lock = DirectoryLock(self.path, self.save_id[:8]) if is_coordinator else None
+        if lock is not None:
+            lock.acquire()
+        claim = self._claim = SaveClaim(identity, lock, from_stage=from_stage, confirmed=not from_stage)
+        # The lock dies with the process; this drops it sooner if the writer is dropped mid-save.
+        claim.finalizer = weakref.finalize(self, claim.release)
         if has_complete_checkpoint(self.path) and not self.overwrite:
+            self._end_save()
             raise CheckpointExistsError(
                 f"{str(self.path)!r} already holds a complete checkpoint (.metadata present). "
                 "Save to a new directory, or pass DataStatesWriter(path, overwrite=True) to replace it "
                 "(the old checkpoint stays intact until the new one is committed)."
             )
-        return plan
+
+    def _release_claim_on_failure(self, snapshot: Snapshot) -> None:
+        """Free the directory if the staged snapshot fails: DCP then calls neither write_data nor finish.
+
+        Watches ``staged`` too: its failure is what DCP's save thread reports first, and the
+        snapshot has removed its files by then.
+        """
+        claim = self._claim
+
+        def on_done(future: ThreadFuture[Any]) -> None:
+            if future.exception() is not None and claim is not None:
+                claim.release()
+
+        snapshot.staged.add_done_callback(on_done)
+        snapshot.done.add_done_callback(on_done)
+
+    def _end_save(self) -> None:
+        """Release this writer's claim (idempotent): after the commit, or once the save has failed."""
+        claim, self._claim = self._claim, None
+        if claim is not None:
+            claim.release()
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
         tag = self.save_id[:8]
@@ -149,13 +205,14 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 "the previous save's upload_completion before reusing it"
             )
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        self.prepare_local_plan(SavePlan([]))  # fail now, in the caller, on a bad or occupied path
+        self._begin_save(rank == 0)  # fail now, in the caller, on a bad, occupied or busy path
         planner = DataStatesSavePlanner()
         planner.set_up_planner(state_dict, storage_meta=None, is_coordinator=rank == 0)
         items = planner.create_local_plan().items
         layout = planner.plan_layout(items, f"__{rank}_{self.save_id[:8]}_")
         snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool()).start()
         self._snapshot = snapshot
+        self._release_claim_on_failure(snapshot)
         staged: ThreadFuture[STATE_DICT_TYPE] = ThreadFuture()
 
         def on_staged(f: ThreadFuture[None]) -> None:
@@ -189,7 +246,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
     # -- StorageWriter: the write step -------------------------------------------------------
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
-        directory, result = self._finished_snapshot(plan, planner)
+        try:
+            directory, result = self._finished_snapshot(plan, planner)
+        except BaseException:
+            self._end_save()  # finish() will not run: let the next save into this directory in
+            raise
         if directory != self.path:  # staged before DCP's reset(checkpoint_id) moved the target
             for name in result.files:
                 os.replace(Path(directory) / name, self.path / name)
@@ -236,15 +297,31 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
     # -- StorageWriter: the commit step ------------------------------------------------------
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
-        storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
-        metadata.storage_data = storage_data
-        metadata.storage_meta = self.storage_meta()
-        metadata.version = "1.0.0"
-        # Fail closed: seal .metadata's own digest and each checksum side file's SHA-256 into it.
-        seal_metadata(metadata, self.path, expected_checksum_files(self.path, {i.relative_path for i in storage_data.values()}))
-        commit_metadata(self.path, metadata, self.save_id[:8], fsync=self.config.fsync)
-        referenced = {info.relative_path for info in storage_data.values()}
-        remove_stale_files(self.path, keep=referenced | {checksum_file_name(_prefix_of(name)) for name in referenced})
+        """Commit (coordinator only): check the files, then publish ``.metadata`` atomically (``commit.py``)."""
+        try:
+            storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
+            metadata.storage_data = storage_data
+            metadata.storage_meta = self.storage_meta()
+            metadata.version = "1.0.0"
+            # Fail closed: seal .metadata's own digest and each checksum side file's SHA-256 into it.
+            seal_metadata(metadata, self.path, expected_checksum_files(self.path, {i.relative_path for i in storage_data.values()}))
+            referenced = {info.relative_path for info in storage_data.values()}
+            checksum_files = {checksum_file_name(_prefix_of(name)) for name in referenced}
+            required = required_sizes((i.relative_path, i.offset, i.length) for i in storage_data.values())
+            if self.config.checksums:  # every rank that wrote data wrote its checksums beside it
+                required |= {name: 1 for name in checksum_files}
+            claim = self._claim
+            identity = claim.identity if claim is not None and claim.identity.path == self.path else None
+            commit_checkpoint(
+                identity or DirectoryIdentity.of(self.path),
+                metadata,
+                self.save_id[:8],
+                fsync=self.config.fsync,
+                required=required,
+                keep=referenced | checksum_files,
+            )
+        finally:
+            self._end_save()
 
 
 def _write_result(item: WriteItem, where: RecordLocation) -> WriteResult:

@@ -1,10 +1,15 @@
-"""Fallback engine: a pool of threads calling ``os.pwrite`` (which releases the GIL)."""
+"""Fallback engine: a pool of threads calling ``os.pwrite`` (which releases the GIL).
+
+Plain threads fed by a queue, not a ``concurrent.futures`` executor: an executor refuses
+new work once the interpreter has begun to exit, and a save still in flight when a
+script returns must be able to finish (the interpreter waits for it).
+"""
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
 from typing import ClassVar
 
 from dcp_datastates.native.engine import MAX_RETRIES, TRANSIENT_ERRNOS, WriteEngine, WriteRequest
@@ -32,8 +37,25 @@ class ThreadPoolWriteEngine(WriteEngine):
     name: ClassVar[str] = "threads"
 
     def __init__(self, threads: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dcp-datastates-pwrite")
+        self._queue: queue.SimpleQueue[WriteRequest | None] = queue.SimpleQueue()
         self._slots = threading.BoundedSemaphore(2 * threads)
+        self._closed = False
+        self._workers: list[threading.Thread] = []
+        try:
+            for i in range(threads):
+                worker = threading.Thread(target=self._work, name=f"dcp-datastates-pwrite-{i}", daemon=True)
+                worker.start()
+                self._workers.append(worker)
+        except BaseException:
+            self.close()
+            raise
+
+    def _work(self) -> None:
+        while True:
+            request = self._queue.get()
+            if request is None:
+                return
+            self._run(request)
 
     def _run(self, request: WriteRequest) -> None:
         error: BaseException | None = None
@@ -46,8 +68,17 @@ class ThreadPoolWriteEngine(WriteEngine):
         request.on_done(error)
 
     def submit(self, request: WriteRequest) -> None:
+        if self._closed:
+            raise RuntimeError("pwrite engine is closed")
         self._slots.acquire()
-        self._pool.submit(self._run, request)
+        self._queue.put(request)  # cannot fail: a worker is behind every queued request
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        """Let the workers drain the queue, then stop them."""
+        if self._closed:
+            return
+        self._closed = True
+        for _ in self._workers:
+            self._queue.put(None)
+        for worker in self._workers:
+            worker.join()
