@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_datastates.buffer_pool import HostBufferPool
-from dcp_datastates.capture import capture_mutable
+from dcp_datastates.capture import CapturedState, capture_mutable
 from dcp_datastates.checksums import FileChecksums, checksum_file_name, write_checksum_file
 from dcp_datastates.commit import (
     commit_metadata,
@@ -82,6 +82,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self.rank = 0
         self.is_coordinator = True
         self.last_stats: SnapshotResult | None = None  # what the last save on this rank did
+        self.last_capture: CapturedState | None = None  # what the last stage() copied before returning
         self._snapshot: Snapshot | None = None
         self._shipped_result: tuple[str, SnapshotResult] | None = None
 
@@ -207,6 +208,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.prepare_local_plan(SavePlan([]))  # fail now, in the caller, on a bad or occupied path
         captured = capture_mutable(state_dict)
+        self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
         prefix = f"__{rank}_{self.save_id[:8]}_"
 
         def plan() -> SnapshotPlan:  # on the snapshot thread
