@@ -24,6 +24,7 @@ import dataclasses
 import os
 import uuid
 from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         return None
 
     def _discard_staged(self) -> None:
-        """Drop the staged snapshot: its files go once it has stopped writing them."""
+        """Drop the staged snapshot: wait until it stops writing (it reads private copies or guarded state), remove its files."""
         snapshot, self._snapshot = self._snapshot, None
         if snapshot is not None:
-            snapshot.done.add_done_callback(lambda _: snapshot.discard())
+            wait([snapshot.done])
+            snapshot.discard()
         if self._shipped_result is not None:
             directory, result = self._shipped_result
             self._shipped_result = None
