@@ -85,22 +85,37 @@ def _step_guard(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> 
 _step_guard_handle = register_optimizer_step_pre_hook(_step_guard)
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _local(tensor: torch.Tensor) -> torch.Tensor:
+    # ``type() in`` first: isinstance on a tensor subclass check is the slow part of a 20,000-tensor walk.
+    if type(tensor) in _PLAIN:
+        return tensor
     return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+_PLAIN_SET = frozenset(_PLAIN)
+_data_ptr = torch.Tensor.data_ptr
+
+
+def _add_data_ptrs(owned: set[int], tensors: list[Any]) -> None:
+    if set(map(type, tensors)) <= _PLAIN_SET:  # the usual case, at C speed: no Python frame per tensor
+        owned.update(map(_data_ptr, tensors))
+        return
+    for value in tensors:
+        if isinstance(value, torch.Tensor):
+            owned.add(_local(value).data_ptr())
 
 
 def owned_data_ptrs(optimizers: list[torch.optim.Optimizer]) -> set[int]:
     """Start addresses of every parameter and state tensor of ``optimizers``."""
     owned: set[int] = set()
-    add = owned.add
     for optimizer in optimizers:
         for group in optimizer.param_groups:
-            for p in group["params"]:
-                add(_local(p).data_ptr())
+            _add_data_ptrs(owned, group["params"])
         for state in optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor):
-                    add(_local(value).data_ptr())
+            _add_data_ptrs(owned, list(state.values()))
     owned.discard(0)  # empty tensors
     return owned
 
@@ -142,7 +157,9 @@ def capture_mutable(state_dict: Mapping[str, Any]) -> CapturedState:
 
     def tensor(value: torch.Tensor) -> torch.Tensor:
         local = _local(value)
-        if local.numel() == 0 or local.device.type == "meta" or local.data_ptr() in owned:
+        if local.data_ptr() in owned:
+            return value
+        if local.numel() == 0 or local.device.type == "meta":
             return value
         with torch.no_grad():
             if local.device.type == "cpu":
@@ -164,7 +181,7 @@ def capture_mutable(state_dict: Mapping[str, Any]) -> CapturedState:
         return copied
 
     def leaf(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
+        if type(value) in _PLAIN or isinstance(value, torch.Tensor):
             return tensor(value)
         if isinstance(value, _IMMUTABLE):
             return value
@@ -177,7 +194,12 @@ def capture_mutable(state_dict: Mapping[str, Any]) -> CapturedState:
         return copied
 
     def walk(value: Any) -> Any:
-        if isinstance(value, Mapping):
+        if type(value) in _PLAIN:  # the common leaf first: no ABC isinstance checks
+            return tensor(value)
+        if type(value) is dict or isinstance(value, Mapping):
+            values = list(value.values())
+            if set(map(type, values)) <= _PLAIN_SET and owned.issuperset(map(_data_ptr, values)):
+                return dict(value)  # a model's parameters, all guarded: shared as they are, at C speed
             return {k: walk(v) for k, v in value.items()}
         if isinstance(value, list) and not _is_terminal(value):
             return [walk(v) for v in value]

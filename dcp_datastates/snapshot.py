@@ -56,8 +56,10 @@ _in_flight_lock = threading.Lock()
 def wait_all_staged() -> None:
     """Wait until no snapshot of this process still reads live state (errors surface on ``done``)."""
     with _in_flight_lock:
-        pending = [snapshot.staged for snapshot in _in_flight]
-    wait(pending)  # a failed snapshot reports through its save's own future
+        snapshots = list(_in_flight)
+    for snapshot in snapshots:
+        snapshot.begin()
+    wait([snapshot.staged for snapshot in snapshots])  # a failed snapshot reports through its save's own future
 
 
 def any_reading_live_state() -> bool:
@@ -126,6 +128,7 @@ class Snapshot:
         self._pool_for = pool if callable(pool) and not isinstance(pool, HostBufferPool) else (lambda _bytes: pool)
         self.planned: Future[tuple[frozenset[MetadataIndex], frozenset[MetadataIndex]]] = Future()
         self.staged: Future[None] = Future()
+        self._begin = threading.Event()
         self.done: Future[SnapshotResult] = Future()
         self._created: list[Path] = []
         self._objects_pickled = threading.Event()
@@ -141,13 +144,31 @@ class Snapshot:
             self._stream_ready.record(torch.cuda.current_stream())
 
     # -- running ------------------------------------------------------------------------------
-    def start(self) -> "Snapshot":
+    def start(self, *, begin_within: float = 0.0) -> "Snapshot":
+        """Run on a thread of its own; with ``begin_within``, wait up to that long for ``begin()`` first.
+
+        Planning is pure Python: started at once, it would hold the GIL against the caller
+        while the caller is still inside ``dcp.async_save`` (making the call itself slower).
+        The writer calls ``begin()`` when ``async_save`` is about to return; anyone who
+        waits for the snapshot (``wait_all_staged``, ``wait_staged``) calls it too.
+        """
         with _in_flight_lock:
             _in_flight.add(self)
         self.staged.add_done_callback(lambda _: self._leave_in_flight())
-        self._thread = threading.Thread(target=self.run, name="dcp-datastates-snapshot", daemon=True)
+        if not begin_within:
+            self._begin.set()
+
+        def run_when_begun() -> None:
+            self._begin.wait(begin_within)
+            self.run()
+
+        self._thread = threading.Thread(target=run_when_begun, name="dcp-datastates-snapshot", daemon=True)
         self._thread.start()
         return self
+
+    def begin(self) -> None:
+        """Let a started snapshot begin now (a no-op once it has)."""
+        self._begin.set()
 
     def _leave_in_flight(self) -> None:
         with _in_flight_lock:

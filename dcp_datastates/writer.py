@@ -219,9 +219,10 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             write, held = split_items(planner.create_local_plan().items, planner.state_dict, group)
             return SnapshotPlan(planner.plan_layout(write, prefix), planner.resolve_data, held, captured.private_ids)
 
-        snapshot = Snapshot(self.path, None, None, self.config, lambda state_bytes: self._pool(), plan=plan).start()
+        snapshot = Snapshot(self.path, None, None, self.config, lambda state_bytes: self._pool(), plan=plan)
+        snapshot.start(begin_within=_BEGIN_WITHIN_S)
         self._snapshot = snapshot
-        staged: ThreadFuture[STATE_DICT_TYPE] = ThreadFuture()
+        staged: ThreadFuture[STATE_DICT_TYPE] = _StagingFuture(snapshot)
 
         def on_staged(f: ThreadFuture[None]) -> None:
             if f.exception() is not None:
@@ -236,6 +237,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         """Block until the pending snapshot no longer reads the live state (a no-op if none is)."""
         snapshot = self._snapshot
         if snapshot is not None:
+            snapshot.begin()
             snapshot.staged.result()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -318,6 +320,28 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         commit_metadata(self.path, metadata, self.save_id[:8], fsync=self.config.fsync)
         referenced = {info.relative_path for info in storage_data.values()}
         remove_stale_files(self.path, keep=referenced | {checksum_file_name(_prefix_of(name)) for name in referenced})
+
+
+#: Longest a staged snapshot waits for async_save to return before it starts planning anyway.
+_BEGIN_WITHIN_S = 0.05
+
+
+class _StagingFuture(ThreadFuture):
+    """The future ``stage`` returns: tells the snapshot when ``dcp.async_save`` is about to return.
+
+    ``async_save``'s last act is to register a callback on this future; the snapshot's
+    planning (GIL-bound Python) starts then, not while the caller is still inside the
+    call (DCP's upload thread waits on ``result`` earlier, so that does not count). It
+    never waits for more than ``_BEGIN_WITHIN_S``.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        super().__init__()
+        self._snapshot = snapshot
+
+    def add_done_callback(self, fn: Any) -> None:
+        super().add_done_callback(fn)
+        self._snapshot.begin()
 
 
 def _save_group(call: Any) -> SaveGroup:
