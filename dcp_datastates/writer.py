@@ -52,8 +52,8 @@ from dcp_datastates.dcp_call import find_async_save_call
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError
 from dcp_datastates.held import write_held_file
-from dcp_datastates.planner import DataStatesSavePlanner, plan_layout
-from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners, split_items
+from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snapshot
+from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotPlan, SnapshotResult
 
 
@@ -213,11 +213,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
         prefix = f"__{rank}_{self.save_id[:8]}_"
 
-        def plan() -> SnapshotPlan:  # on the snapshot thread
+        def plan() -> SnapshotPlan:  # on the snapshot thread; reused while the state's structure is unchanged
             planner = DataStatesSavePlanner()
             planner.set_up_planner(captured.state_dict, storage_meta=None, is_coordinator=rank == 0)
-            write, held = split_items(planner.create_local_plan().items, planner.state_dict, group)
-            return SnapshotPlan(planner.plan_layout(write, prefix), planner.resolve_data, held, captured.private_ids)
+            planned = plan_snapshot(planner, group, prefix)
+            return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
         snapshot = Snapshot(self.path, None, None, self.config, lambda state_bytes: self._pool(), plan=plan)
         snapshot.start(begin_within=_BEGIN_WITHIN_S)

@@ -54,3 +54,29 @@ def test_async_save_returns_well_before_stock_with_many_tensors(tmp_path):
     # Stock copies all 80 MiB before returning; we walk the dict. Generous for a loaded 2-core machine.
     assert ours_s < 0.5 * stock_s, (ours, stock)
     assert ours_s < 0.5, ours
+
+
+def test_the_plan_is_reused_while_the_structure_is_unchanged_and_redone_when_it_changes(tmp_path):
+    from dcp_datastates import DataStatesReader, planner
+
+    def save_and_check(state: dict, name: str) -> None:
+        dcp.async_save(state, storage_writer=DataStatesWriter(tmp_path / name)).upload_completion.result()
+        target = {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else None for k, v in state.items()}
+        dcp.load(target, storage_reader=DataStatesReader(tmp_path / name))
+        for key, value in state.items():
+            assert torch.equal(target[key], value) if isinstance(value, torch.Tensor) else target[key] == value, (name, key)
+
+    g = torch.Generator().manual_seed(5)
+    state = {"a": torch.randn(30, 7, generator=g), "b": torch.randn(5, generator=g).to(torch.bfloat16), "n": 1}
+    save_and_check(state, "first")
+    hits = planner.plan_cache_hits
+    state = {"a": torch.randn(30, 7, generator=g), "b": torch.randn(5, generator=g).to(torch.bfloat16), "n": 2}
+    save_and_check(state, "same_structure")  # new values, same structure: the plan is reused
+    assert planner.plan_cache_hits == hits + 1
+    for changed in (
+        {"a": torch.randn(31, 7, generator=g), "b": state["b"], "n": 3},  # a shape
+        {"a": state["a"].double(), "b": state["b"], "n": 4},  # a dtype
+        {"a": state["a"], "b": state["b"], "c": torch.ones(2), "n": 5},  # a new key
+    ):
+        save_and_check(changed, f"changed{changed['n']}")
+        assert planner.plan_cache_hits == hits + 1
