@@ -25,6 +25,11 @@ How a capture copies:
   that updates parameters by hand): every tensor is "not owned", and cloning the whole
   state on the GPU would double GPU memory. They are copied to host memory instead,
   synchronously -- what stock ``DefaultStager`` does -- and a log line says so once.
+* At most ``budget_bytes`` (the writer passes its host pool size) are copied aside. When
+  more than that is unguarded -- a large state with no known optimizer -- nothing is
+  copied and the writer stages synchronously instead: ``stage()`` returns once the
+  snapshot has copied everything through the pool (exact, memory bounded by the pool,
+  not lazy). Memory never grows by more than the pool plus the budget per save.
 
 The step guard is one global optimizer pre-step hook, registered when this module is
 imported and never removed. Installing it when a save starts and removing it when the last
@@ -132,9 +137,11 @@ class CapturedState:
     objects_copied: int = 0
     optimizers_known: int = 0
     to_host: bool = False  # CUDA captures went to host memory (no optimizer known)
+    #: more than ``budget_bytes`` is unguarded: nothing was copied, the caller must stage synchronously.
+    over_budget: bool = False
 
 
-def capture_mutable(state_dict: Mapping[str, Any]) -> CapturedState:
+def capture_mutable(state_dict: Mapping[str, Any], budget_bytes: int) -> CapturedState:
     """Copy what training may change before the snapshot reads it; share the rest.
 
     The structure is walked the way DCP's ``traverse_state_dict`` walks it (mappings, and
@@ -155,30 +162,15 @@ def capture_mutable(state_dict: Mapping[str, Any]) -> CapturedState:
             "install_optimizer_guard(optimizer) -- saves copy only what no optimizer owns."
         )
 
+    pending: dict[int, torch.Tensor] = {}  # id -> a tensor to copy (not guarded by a known optimizer)
+
     def tensor(value: torch.Tensor) -> torch.Tensor:
         local = _local(value)
-        if local.data_ptr() in owned:
+        if local.data_ptr() in owned or local.numel() == 0 or local.device.type == "meta":
             return value
-        if local.numel() == 0 or local.device.type == "meta":
-            return value
-        with torch.no_grad():
-            if local.device.type == "cpu":
-                copied = local.detach().clone()
-            elif to_host:
-                out.to_host = True
-                copied = local.detach().to("cpu")
-            else:
-                copied = local.detach().clone()  # on the caller's current stream: ordered, no host sync
-        out.tensors_captured += 1
-        out.bytes_captured += copied.numel() * copied.element_size()
-        if isinstance(value, DTensor):
-            if copied.device != local.device:  # keep the DTensor on its mesh's device type
-                copied = local.detach().clone()
-            copied = DTensor.from_local(
-                copied, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
-            )
-        out.private_ids.add(id(copied))
-        return copied
+        pending[id(value)] = value
+        out.bytes_captured += local.numel() * local.element_size()
+        return value
 
     def leaf(value: Any) -> Any:
         if type(value) in _PLAIN or isinstance(value, torch.Tensor):
@@ -206,7 +198,51 @@ def capture_mutable(state_dict: Mapping[str, Any]) -> CapturedState:
         return leaf(value)
 
     out.state_dict = {k: walk(v) for k, v in state_dict.items()}
+    out.tensors_captured = len(pending)
+    if out.bytes_captured > budget_bytes:
+        # Too much is unguarded to copy aside (typically: no optimizer has stepped yet). The caller
+        # stages synchronously instead: memory stays bounded by the pool, the state is still step N.
+        out.over_budget = True
+        out.tensors_captured = 0
+        return out
+    if pending:
+        copies = {key: _copy(value, to_host, out) for key, value in pending.items()}
+        out.private_ids = {id(c) for c in copies.values()}
+        out.state_dict = _substitute(out.state_dict, copies)
     return out
+
+
+def _copy(value: torch.Tensor, to_host: bool, out: CapturedState) -> torch.Tensor:
+    local = _local(value)
+    with torch.no_grad():
+        if local.device.type == "cpu":
+            copied = local.detach().clone()
+        elif to_host and not isinstance(value, DTensor):
+            out.to_host = True
+            copied = local.detach().to("cpu")
+        else:
+            copied = local.detach().clone()  # on the caller's current stream: ordered, no host sync
+    if isinstance(value, DTensor):
+        copied = DTensor.from_local(
+            copied, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+        )
+    return copied
+
+
+def _substitute(value: Any, copies: dict[int, torch.Tensor]) -> Any:
+    """``value`` (containers built by ``capture_mutable``, so ours to change) with each pending tensor replaced."""
+    if type(value) is dict:
+        if copies.keys().isdisjoint(map(id, value.values())):
+            if all(type(v) in _PLAIN_SET for v in value.values()):
+                return value
+        for k, v in value.items():
+            value[k] = _substitute(v, copies)
+        return value
+    if type(value) is list:
+        for i, v in enumerate(value):
+            value[i] = _substitute(v, copies)
+        return value
+    return copies.get(id(value), value)
 
 
 def _is_terminal(value: list) -> bool:

@@ -21,6 +21,7 @@ the save one tag, and ``write_data`` writes the held items this rank owns.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import uuid
 from concurrent.futures import Future as ThreadFuture
@@ -55,6 +56,9 @@ from dcp_datastates.held import write_held_file
 from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snapshot
 from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotPlan, SnapshotResult
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         group = _save_group(call)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.prepare_local_plan(SavePlan([]))  # fail now, in the caller, on a bad or occupied path
-        captured = capture_mutable(state_dict)
+        captured = capture_mutable(state_dict, budget_bytes=self.config.host_pool_bytes)
         self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
         prefix = f"__{rank}_{self.save_id[:8]}_"
 
@@ -220,9 +224,13 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
         snapshot = Snapshot(self.path, None, None, self.config, lambda state_bytes: self._pool(), plan=plan)
-        snapshot.start(begin_within=_BEGIN_WITHIN_S)
+        snapshot.start(begin_within=0.0 if captured.over_budget else _BEGIN_WITHIN_S)
         self._snapshot = snapshot
         staged: ThreadFuture[STATE_DICT_TYPE] = _StagingFuture(snapshot)
+        if captured.over_budget:
+            # More unguarded state than we may copy aside: stage synchronously (exact, pool-bounded).
+            _log_synchronous_once(captured.bytes_captured, self.config.host_pool_bytes)
+            wait([snapshot.staged])
 
         def on_staged(f: ThreadFuture[None]) -> None:
             if f.exception() is not None:
@@ -247,6 +255,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         snapshot = state.pop("_snapshot", None)
         state["_shipped_result"] = None
         if snapshot is not None:
+            snapshot.begin()
             state["_shipped_result"] = (str(snapshot.directory), snapshot.done.result())
         return state
 
@@ -342,6 +351,22 @@ class _StagingFuture(ThreadFuture):
     def add_done_callback(self, fn: Any) -> None:
         super().add_done_callback(fn)
         self._snapshot.begin()
+
+
+_logged_synchronous = False
+
+
+def _log_synchronous_once(unguarded: int, budget: int) -> None:
+    global _logged_synchronous
+    if not _logged_synchronous:
+        _logged_synchronous = True
+        logger.warning(
+            "dcp_datastates: %d MiB of the state dict is not owned by any optimizer known to have stepped, more than "
+            "host_pool_bytes (%d MiB) may copy aside; async_save staged synchronously (it returned once the "
+            "snapshot stopped reading live state). Saves after the first optimizer.step() -- or after "
+            "install_optimizer_guard(optimizer) -- read parameters and optimizer state lazily.",
+            unguarded >> 20, budget >> 20,
+        )
 
 
 def _save_group(call: Any) -> SaveGroup:

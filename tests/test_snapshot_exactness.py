@@ -116,7 +116,9 @@ def test_in_place_writes_to_tensors_no_optimizer_owns_do_not_reach_the_checkpoin
     state = {"model": model.state_dict(), "optim": optimizer.state_dict(), "ema": ema, "big": big,
              "loop": {"seen": [1, 2, 3], "epoch": 5}}
     expected = copy.deepcopy(state)
-    response = dcp.async_save(state, storage_writer=DataStatesWriter(tmp_path / "ckpt", small_config("threads")))
+    writer = DataStatesWriter(tmp_path / "ckpt", small_config("threads", host_pool_bytes="8MiB"))
+    response = dcp.async_save(state, storage_writer=writer)
+    assert not response.staging_completion.done() and not writer.last_capture.over_budget
     big.add_(1)
     for value in ema.values():
         value.mul_(0.5).add_(1)
@@ -151,3 +153,25 @@ def test_optimizer_steps_do_not_wait_once_no_snapshot_reads_live_state(tmp_path)
     worker.start()
     worker.join(10)
     assert done.is_set()
+
+
+def test_more_unguarded_state_than_the_pool_is_staged_before_async_save_returns(tmp_path, monkeypatch):
+    """No optimizer known and 4 MiB unguarded against a 32 KiB pool: no copy aside, the call stages it all."""
+    read_live: list[bool] = []
+    real = Snapshot._write_tensors
+
+    def recording(self, *args, **kwargs):
+        read_live.append(True)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Snapshot, "_write_tensors", recording)
+    big = torch.randn(1_000_000)
+    state = {"big": big, "step": 3}
+    expected = copy.deepcopy(state)
+    writer = DataStatesWriter(tmp_path / "ckpt", small_config("threads"))
+    response = dcp.async_save(state, storage_writer=writer)
+    assert read_live and response.staging_completion.done()  # staged inside the call
+    assert writer.last_capture.over_budget and writer.last_capture.tensors_captured == 0
+    big.add_(1)
+    response.upload_completion.result()
+    assert_checkpoint_equals(tmp_path / "ckpt", expected)
