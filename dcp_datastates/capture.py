@@ -25,7 +25,7 @@ How a capture copies:
   that updates parameters by hand): every tensor is "not owned", and cloning the whole
   state on the GPU would double GPU memory. They are copied to host memory instead,
   synchronously -- what stock ``DefaultStager`` does -- and a log line says so once.
-* At most ``budget_bytes`` (the writer passes its host pool size) are copied aside. When
+* At most ``budget_bytes`` (the writer passes its host pool size, at least 512 MiB) are copied aside. When
   more than that is unguarded -- a large state with no known optimizer -- nothing is
   copied and the writer stages synchronously instead: ``stage()`` returns once the
   snapshot has copied everything through the pool (exact, memory bounded by the pool,

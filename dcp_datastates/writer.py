@@ -213,7 +213,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         group = _save_group(call)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.prepare_local_plan(SavePlan([]))  # fail now, in the caller, on a bad or occupied path
-        captured = capture_mutable(state_dict, budget_bytes=self.config.host_pool_bytes)
+        captured = capture_mutable(state_dict, budget_bytes=max(self.config.host_pool_bytes, CAPTURE_BUDGET_FLOOR))
         self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
         prefix = f"__{rank}_{self.save_id[:8]}_"
 
@@ -331,6 +331,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         remove_stale_files(self.path, keep=referenced | {checksum_file_name(_prefix_of(name)) for name in referenced})
 
 
+#: Unguarded state ``stage()`` may copy aside: the host pool's size, and at least this much
+#: (BatchNorm statistics, amax history and small EMAs of a typical model fit). Beyond it the
+#: save stages synchronously through the pool: exact, bounded memory, not lazy.
+CAPTURE_BUDGET_FLOOR = 512 * 1024**2
+
 #: Longest a staged snapshot waits for async_save to return before it starts planning anyway.
 _BEGIN_WITHIN_S = 0.05
 
@@ -362,7 +367,7 @@ def _log_synchronous_once(unguarded: int, budget: int) -> None:
         _logged_synchronous = True
         logger.warning(
             "dcp_datastates: %d MiB of the state dict is not owned by any optimizer known to have stepped, more than "
-            "host_pool_bytes (%d MiB) may copy aside; async_save staged synchronously (it returned once the "
+            "the %d MiB a save may copy aside (host_pool_bytes, at least 512 MiB); async_save staged synchronously (it returned once the "
             "snapshot stopped reading live state). Saves after the first optimizer.step() -- or after "
             "install_optimizer_guard(optimizer) -- read parameters and optimizer state lazily.",
             unguarded >> 20, budget >> 20,

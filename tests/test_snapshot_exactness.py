@@ -18,6 +18,7 @@ import torch.distributed.checkpoint as dcp
 
 from conftest import small_config
 from dcp_datastates import DataStatesReader, DataStatesWriter, install_optimizer_guard
+from dcp_datastates import writer as writer_module
 from dcp_datastates.snapshot import Snapshot
 
 
@@ -156,7 +157,8 @@ def test_optimizer_steps_do_not_wait_once_no_snapshot_reads_live_state(tmp_path)
 
 
 def test_more_unguarded_state_than_the_pool_is_staged_before_async_save_returns(tmp_path, monkeypatch):
-    """No optimizer known and 4 MiB unguarded against a 32 KiB pool: no copy aside, the call stages it all."""
+    """No optimizer known and 4 MiB unguarded against a 2 MiB budget: no copy aside, the call stages it all."""
+    monkeypatch.setattr(writer_module, "CAPTURE_BUDGET_FLOOR", 2 * 1024**2)
     read_live: list[bool] = []
     real = Snapshot._write_tensors
 
