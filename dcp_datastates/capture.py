@@ -222,6 +222,8 @@ def _copy(value: torch.Tensor, to_host: bool, out: CapturedState) -> torch.Tenso
             copied = local.detach().to("cpu")
         else:
             copied = local.detach().clone()  # on the caller's current stream: ordered, no host sync
+    if local.requires_grad:
+        copied.requires_grad_(True)  # DCP records it in the metadata
     if isinstance(value, DTensor):
         copied = DTensor.from_local(
             copied, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
@@ -255,3 +257,38 @@ def _is_terminal(value: list) -> bool:
         if isinstance(entry, list) and not _is_terminal(entry):
             return False
     return True
+
+
+def skeleton_of(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The state dict with every tensor replaced by a meta tensor of the same shape, dtype and placement.
+
+    This is what the staging future hands DCP: its planning reads shapes, dtypes and DTensor
+    placements only, and our ``write_data`` never reads data from it. A PROCESS executor
+    pickles it to its daemon without touching a byte of (CUDA) tensor memory -- no CUDA IPC,
+    no CUDA context in the daemon. A tensor that cannot be described on the meta device
+    (an exotic subclass) is handed over as it is.
+    """
+
+    def meta(value: torch.Tensor) -> torch.Tensor:
+        try:
+            if isinstance(value, DTensor):
+                local = torch.empty_like(value._local_tensor, device="meta")
+                return DTensor.from_local(
+                    local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+                )
+            if type(value) in _PLAIN_SET:
+                return torch.empty_like(value, device="meta").requires_grad_(value.requires_grad)
+        except Exception:  # noqa: BLE001 - see the docstring
+            pass
+        return value
+
+    def walk(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return meta(value)
+        if isinstance(value, Mapping):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, list) and not _is_terminal(value):
+            return [walk(v) for v in value]
+        return value
+
+    return {k: walk(v) for k, v in state_dict.items()}

@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_datastates.buffer_pool import HostBufferPool
-from dcp_datastates.capture import CapturedState, capture_mutable
+from dcp_datastates.capture import CapturedState, capture_mutable, skeleton_of
 from dcp_datastates.checksums import FileChecksums, checksum_file_name, write_checksum_file
 from dcp_datastates.commit import (
     commit_metadata,
@@ -217,10 +217,13 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
         prefix = f"__{rank}_{self.save_id[:8]}_"
 
+        skeleton: list[STATE_DICT_TYPE] = []
+
         def plan() -> SnapshotPlan:  # on the snapshot thread; reused while the state's structure is unchanged
             planner = DataStatesSavePlanner()
             planner.set_up_planner(captured.state_dict, storage_meta=None, is_coordinator=rank == 0)
             planned = plan_snapshot(planner, group, prefix)
+            skeleton.append(skeleton_of(captured.state_dict))  # what the staging future hands DCP
             return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
         snapshot = Snapshot(self.path, None, None, self.config, lambda state_bytes: self._pool(), plan=plan)
@@ -236,7 +239,9 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             if f.exception() is not None:
                 staged.set_exception(f.exception())
             else:
-                staged.set_result(state_dict)
+                # Shapes and placements only (meta tensors): DCP plans on it, nothing reads its data, and a
+                # PROCESS executor pickles no (CUDA) tensor memory.
+                staged.set_result(skeleton[0] if skeleton else state_dict)
 
         snapshot.staged.add_done_callback(on_staged)
         return staged

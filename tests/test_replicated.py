@@ -68,3 +68,16 @@ def test_one_save_has_one_tag_and_loads_exactly_on_one_rank(saved, name):
                 assert target[key].dtype == value.dtype and torch.equal(target[key], value), (name, key)
             else:
                 assert target[key] == value, (name, key)
+
+
+@pytest.mark.parametrize("name", OURS)
+def test_metadata_describes_the_same_checkpoint_as_stock(saved, name):
+    """The async saves' metadata is planned on the staging skeleton (meta tensors, DTensors included)."""
+    import pickle
+
+    out, _ = saved
+    with open(out / "stock" / ".metadata", "rb") as f:
+        stock = pickle.load(f)
+    with open(out / name / ".metadata", "rb") as f:
+        ours = pickle.load(f)
+    assert ours.state_dict_metadata == stock.state_dict_metadata
