@@ -217,13 +217,10 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
         prefix = f"__{rank}_{self.save_id[:8]}_"
 
-        skeleton: list[STATE_DICT_TYPE] = []
-
         def plan() -> SnapshotPlan:  # on the snapshot thread; reused while the state's structure is unchanged
             planner = DataStatesSavePlanner()
             planner.set_up_planner(captured.state_dict, storage_meta=None, is_coordinator=rank == 0)
             planned = plan_snapshot(planner, group, prefix)
-            skeleton.append(skeleton_of(captured.state_dict))  # what the staging future hands DCP
             return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
         snapshot = Snapshot(self.path, None, None, self.config, lambda state_bytes: self._pool(), plan=plan)
@@ -240,8 +237,14 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 staged.set_exception(f.exception())
             else:
                 # Shapes and placements only (meta tensors): DCP plans on it, nothing reads its data, and a
-                # PROCESS executor pickles no (CUDA) tensor memory.
-                staged.set_result(skeleton[0] if skeleton else state_dict)
+                # PROCESS executor pickles no (CUDA) tensor memory. Built here, off the copies' path (the
+                # step guard waits on the snapshot itself, not on this future).
+                try:
+                    skeleton = skeleton_of(captured.state_dict)
+                except Exception:  # noqa: BLE001 - the live dict serves DCP's planning as well, only heavier
+                    logger.exception("dcp_datastates: could not build the staging skeleton; handing DCP the state dict")
+                    skeleton = state_dict
+                staged.set_result(skeleton)
 
         snapshot.staged.add_done_callback(on_staged)
         return staged
