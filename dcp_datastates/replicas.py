@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.tensor import DTensor
 
+from dcp_datastates.errors import DataStatesError
+
 
 class Ownership(enum.Enum):
     WRITE = "write"
@@ -92,7 +94,7 @@ class StagedItems:
     held: frozenset[MetadataIndex]
 
 
-class OwnerlessItemError(RuntimeError):
+class OwnerlessItemError(DataStatesError, RuntimeError):
     """No rank of the save staged an item: the checkpoint would miss it."""
 
 
