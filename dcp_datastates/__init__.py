@@ -7,16 +7,25 @@
     dcp.load(state, storage_reader=DataStatesReader(path))
 """
 
-from dcp_datastates.config import DataStatesConfig
+from importlib.metadata import PackageNotFoundError, version
+
+try:  # one source of truth: the installed package's metadata (pyproject.toml's version)
+    __version__ = version("dcp-datastates")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
+
+from dcp_datastates.config import DataStatesConfig  # noqa: E402
 from dcp_datastates.errors import (
     CheckpointExistsError,
     CheckpointIOError,
     CheckpointPathError,
     ChecksumMismatchError,
+    CorruptCheckpointError,
     DataStatesError,
     IncompleteCheckpointError,
     MissingKeysError,
     UnsafeCheckpointError,
+    UnsupportedCheckpointError,
 )
 from dcp_datastates.guard import install_optimizer_guard, wait_staged
 from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
@@ -24,10 +33,12 @@ from dcp_datastates.reader import DataStatesReader
 from dcp_datastates.writer import DataStatesWriter
 
 __all__ = [
+    "__version__",
     "CheckpointExistsError",
     "CheckpointIOError",
     "CheckpointPathError",
     "ChecksumMismatchError",
+    "CorruptCheckpointError",
     "DataStatesConfig",
     "DataStatesError",
     "DataStatesLoadPlanner",
@@ -37,6 +48,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "MissingKeysError",
     "UnsafeCheckpointError",
+    "UnsupportedCheckpointError",
     "install_optimizer_guard",
     "wait_staged",
 ]

@@ -1,4 +1,4 @@
-"""Save-throughput benchmark: DataStatesWriter vs stock DCP, measured side by side in one run.
+"""Save and load benchmark: DataStatesWriter/Reader vs stock DCP (and Meta's torch_checkpointing), side by side in one run.
 
     python -m dcp_datastates.bench --size-gib 2 --dir /path/on/the/disk/to/test
 
@@ -6,7 +6,10 @@ Rows: the raw O_DIRECT ceiling of the disk (pwrite of pre-filled aligned 32 MiB 
 8 in flight, no checkpoint logic), stock ``FileSystemWriter`` (8 threads), stock ``async_save`` with
 ``DefaultStager`` (time until the upload completes), and ``DataStatesWriter`` with each
 engine (and with checksums off, to show what they cost). A second table times
-``dcp-datastates verify`` against reading the same files with O_DIRECT. Methods run round-robin (the order rotating each round), ``--repeats`` times, and each
+``dcp-datastates verify`` against reading the same files with O_DIRECT. Load tables (the LLM-like state,
+and many small tensors) time the raw O_DIRECT read ceiling (32 MiB reads, 8 in flight), stock
+``FileSystemReader``, ``DataStatesReader`` with checksums on and off, and torch_checkpointing's
+load, each from a cold page cache (caches dropped before every run where permitted). Methods run round-robin (the order rotating each round), ``--repeats`` times, and each
 row reports its median and range, so a disk whose speed drifts during the run (shared
 cloud disks do) affects every row alike. Every save includes its
 fsyncs. With ``--device cuda`` the state lives on the GPU (what training checkpoints).
@@ -93,8 +96,28 @@ def raw_o_direct(directory: Path, size_bytes: int, chunk: int = 32 * 1024**2, de
     return elapsed
 
 
-def raw_o_direct_read(files: list[Path], chunk: int = 32 * 1024**2) -> float:
-    """The read ceiling: the same files read sequentially with O_DIRECT, nothing else done."""
+def raw_o_direct_read(files: list[Path], chunk: int = 32 * 1024**2, depth: int = 1) -> float:
+    """The read ceiling: the same files read with O_DIRECT, ``depth`` reads in flight, nothing else done."""
+    if depth > 1:
+        buffers = [mmap.mmap(-1, chunk) for _ in range(depth)]
+        fds = [os.open(path, os.O_RDONLY | os.O_DIRECT) for path in files]
+        jobs = [(fd, offset) for fd, path in zip(fds, files) for offset in range(0, path.stat().st_size, chunk)]
+        free = list(range(depth))
+
+        def read(job: tuple[int, int]) -> int:
+            slot = free.pop()  # list.pop/append are atomic: each worker holds its own buffer
+            try:
+                return os.preadv(job[0], [buffers[slot]], job[1])
+            finally:
+                free.append(slot)
+
+        start = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=depth) as pool:
+            list(pool.map(read, jobs))
+        elapsed = time.perf_counter() - start
+        for fd in fds:
+            os.close(fd)
+        return elapsed
     buffer = mmap.mmap(-1, chunk)
     start = time.perf_counter()
     for path in files:
@@ -119,6 +142,35 @@ def settle() -> None:
     """Let the previous run's deletes and writeback finish outside the next run's clock."""
     os.sync()
     time.sleep(1.0)
+
+
+def drop_caches() -> bool:
+    """Empty the page cache so a load reads from the disk (needs root); False where not permitted."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        return True
+    except OSError:
+        return False
+
+
+def torch_checkpointing_manager(asynchronous: bool):  # type: ignore[no-untyped-def]
+    """Meta's torch_checkpointing CheckpointManager, or None (with the reason printed) where it cannot run.
+
+    Its local storage opens files O_DIRECT by default and hands them torch.save's unaligned
+    writes, which ext4 refuses with EINVAL (as on this machine); buffered files are its
+    documented alternative (``LocalFileSystemStorageConfig(use_direct_io=False)``).
+    """
+    try:
+        from torch_checkpointing import CheckpointManager
+        from torch_checkpointing.storage.filesystem import LocalFileSystemStorageConfig
+    except ImportError as exc:
+        print(f"torch_checkpointing not measured: {exc} (pip install --no-deps torch-checkpointing==0.1.1)")
+        return None
+    config = CheckpointManager.Config.with_async_save() if asynchronous else CheckpointManager.Config.with_sync_save()
+    config.storage_config = LocalFileSystemStorageConfig(use_direct_io=False)
+    return config.build()
 
 
 def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[list[Row], int]:
@@ -146,6 +198,17 @@ def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[li
 
         return save
 
+    tcp_sync, tcp_async = torch_checkpointing_manager(False), torch_checkpointing_manager(True)
+
+    def tcp_save(manager) -> Callable[[Path], None]:  # type: ignore[no-untyped-def]
+        def save(path: Path) -> None:
+            path.mkdir()
+            future = manager.save(str(path), state)
+            if future is not None:
+                future.result()  # durable: torch_checkpointing's write future
+
+        return save
+
     methods: dict[str, Callable[[Path], float]] = {
         "raw O_DIRECT (ceiling)": lambda d: raw_o_direct(d, total),
         "stock FileSystemWriter (8 threads)": lambda d: timed(stock_fs, d),
@@ -154,6 +217,10 @@ def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[li
         "DataStatesWriter io_uring, no checksums": lambda d: timed(ours("io_uring", checksums=False), d),
         "DataStatesWriter threads": lambda d: timed(ours("threads"), d),
     }
+    if tcp_sync is not None and tcp_async is not None:
+        methods["torch_checkpointing sync save"] = lambda d: timed(tcp_save(tcp_sync), d)
+        methods["torch_checkpointing async save"] = lambda d: timed(tcp_save(tcp_async), d)
+        timed(tcp_save(tcp_async), directory)  # warm-up: starts its writer process once
     rows = {name: Row(name, []) for name in methods}
     timed(ours("io_uring"), directory)  # warm-up: allocates the pool once, as a training job would
     names = list(methods)
@@ -161,7 +228,95 @@ def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[li
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:  # rotate who goes first
             settle()
             rows[name].seconds.append(methods[name](directory))
+    for manager in (tcp_sync, tcp_async):
+        if manager is not None:
+            manager.close()
     return list(rows.values()), total
+
+
+def make_small_state(count: int) -> dict:
+    """Many small tensors (16 floats each): per-record overhead, not bandwidth, decides the load time."""
+    g = torch.Generator().manual_seed(0)
+    return {"model": {f"layers.{i}.bias": torch.randn(16, generator=g) for i in range(count)}, "step": 1000}
+
+
+def _blank(state: dict) -> dict:
+    return {"model": {k: torch.zeros_like(v) for k, v in state["model"].items()}, "step": None}
+
+
+def _zero(target: dict) -> None:
+    for value in target["model"].values():
+        value.zero_()
+    target["step"] = None
+
+
+def _check(target: dict, state: dict, method: str) -> None:
+    wrong = [k for k, v in state["model"].items() if not torch.equal(target["model"][k], v)]
+    if wrong or target["step"] != state["step"]:
+        raise AssertionError(f"{method} loaded wrong values for {wrong[:3] or ['step']}")
+
+
+def run_load(state: dict, directory: Path, repeats: int) -> tuple[list[Row], int, bool]:
+    """Load the same state saved by each method, from a cold page cache, round-robin; every load checked exact."""
+    from dcp_datastates.reader import DataStatesReader
+
+    ours_dir, stock_dir, tcp_dir = directory / "ours", directory / "stock", directory / "tcp"
+    dcp.save(state, storage_writer=DataStatesWriter(ours_dir), no_dist=True)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(stock_dir, thread_count=8), no_dist=True)
+    files = sorted(p for p in ours_dir.iterdir() if p.suffix == ".distcp")
+    total = sum(v.numel() * v.element_size() for v in state["model"].values())
+    target = _blank(state)
+    tcp = torch_checkpointing_manager(False)
+    methods: dict[str, Callable[[], None]] = {
+        "stock FileSystemReader": lambda: dcp.load(target, storage_reader=dcp.FileSystemReader(stock_dir), no_dist=True),
+        "DataStatesReader": lambda: dcp.load(target, storage_reader=DataStatesReader(ours_dir), no_dist=True),
+        "DataStatesReader, checksums off": lambda: dcp.load(
+            target, storage_reader=DataStatesReader(ours_dir, verify_checksums=False), no_dist=True),
+    }
+    if tcp is not None:
+        tcp_dir.mkdir()
+        tcp.save(str(tcp_dir), state)
+
+        def tcp_load() -> None:
+            loaded = tcp.load(str(tcp_dir), target)
+            target["step"] = loaded["step"]
+
+        methods["torch_checkpointing load"] = tcp_load
+    ceiling = "raw O_DIRECT read, QD 8 (ceiling)"
+    rows = {name: Row(name, []) for name in [ceiling, *methods]}
+    methods[next(iter(methods))]()  # warm-up of code paths (numba kernels, pools), not of the page cache
+    methods["DataStatesReader"]()
+    cold = True
+    names = list(rows)
+    for repeat in range(repeats):
+        for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
+            _zero(target)
+            settle()
+            cold = drop_caches() and cold
+            if name == ceiling:
+                rows[name].seconds.append(raw_o_direct_read(files, depth=8))
+                continue
+            start = time.perf_counter()
+            methods[name]()
+            rows[name].seconds.append(time.perf_counter() - start)
+            _check(target, state, name)
+    if tcp is not None:
+        tcp.close()
+    for path in (ours_dir, stock_dir, tcp_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    return list(rows.values()), total, cold
+
+
+def print_load_table(title: str, rows: list[Row], total: int, cold: bool) -> None:
+    by_name = {r.name: r for r in rows}
+    ceiling = total / rows[0].median
+    stock = total / by_name["stock FileSystemReader"].median
+    cache = "cold page cache (dropped before every run)" if cold else "WARM page cache (drop_caches not permitted)"
+    print(f"\nload, {title}: {total / GiB:.2f} GiB of tensors; {cache}; median of {len(rows[0].seconds)} runs, round-robin")
+    print(f"{'method':<42}{'seconds':>9}{'GiB/s':>8}{'(range)':>14}{'vs stock FS':>13}{'of ceiling':>12}")
+    for row in rows:
+        rate = total / row.median
+        print(f"{_row_cells(row, total)}{rate / stock:>12.2f}x{rate / ceiling:>11.0%}")
 
 
 def run_verify(size_gib: float, directory: Path, repeats: int) -> tuple[list[Row], int]:
@@ -225,6 +380,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--skip-verify", action="store_true", help="skip the read-side (verify) table")
+    parser.add_argument("--skip-load", action="store_true", help="skip the load tables")
+    parser.add_argument("--small-tensors", type=int, default=None,
+                        help="tensors in the many-small-tensors load table (default 50000, 1000 below 1 GiB)")
     parser.add_argument("--json", action="store_true", help="print the measurements as JSON instead of tables")
     args = parser.parse_args(argv)
     directory = Path(tempfile.mkdtemp(prefix="dcp_datastates_bench_", dir=args.dir))
@@ -238,6 +396,14 @@ def main(argv: list[str] | None = None) -> None:
             report["verify"] = as_json(verify_rows, verify_total)
             if not args.json:
                 print_verify_table(verify_rows, verify_total)
+        if not args.skip_load:
+            small = args.small_tensors if args.small_tensors is not None else (50_000 if args.size_gib >= 1 else 1000)
+            for key, title, state in (("load", "LLM-like state", lambda: make_state(int(args.size_gib * GiB), "cpu")),
+                                      ("load_small", f"{small} small tensors", lambda: make_small_state(small))):
+                load_rows, load_total, cold = run_load(state(), directory, args.repeats)
+                report[key] = as_json(load_rows, load_total) | {"cold_page_cache": cold}
+                if not args.json:
+                    print_load_table(title, load_rows, load_total, cold)
         if args.json:
             print(json.dumps(report, indent=2))
     finally:

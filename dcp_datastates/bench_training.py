@@ -15,18 +15,28 @@ bf16 parameters, fp32 master weights and fp32 Adam states (14 bytes per paramete
   copied;
 * ``stock async_save + DefaultStager`` -- pinned, asynchronous staging on CUDA (blocking on CPU,
   where DCP allows no other), waiting for staging before the next optimizer step, as torchtitan does;
+  staged into private pinned memory, not ``/dev/shm`` (shared memory only serves DCP's checkpoint
+  *process*, and a GPU machine's ``/dev/shm`` is far smaller than a 1B-parameter state);
 * ``stock FileSystemWriter`` -- synchronous ``dcp.save``.
 
 For each it reports total time, overhead vs ``none``, and the per-checkpoint training stall: the
 time the loop spent inside the save call plus every wait the save imposed on it.
+
+Disk: a method keeps at most the checkpoint in flight and the one before it (older ones are
+deleted on a background thread as the next starts, for every method alike), and everything is
+deleted before the next method starts; the run refuses to start without room for two
+checkpoints in ``--dir``. ``--methods`` runs a subset (``none`` is always run: it is the baseline).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import statistics
+import sys
 import tempfile
+import threading
 import time
 import warnings
 from concurrent.futures import Future
@@ -151,8 +161,10 @@ def train(method: str, args: argparse.Namespace, directory: Path, result: RunRes
     model = Transformer(args.vocab, args.dim, args.layers, args.heads).to(args.device, dtype)
     optimizer = make_optimizer(model, dtype)
     config = DataStatesConfig(host_pool_bytes=args.pool, chunk_bytes=args.chunk)
-    stager = DefaultStager(StagingOptions(*([args.device == "cuda"] * 4))) if method.startswith("stock async") else None
+    stager = make_stager(args.device) if method.startswith("stock async") else None
     pending, staging = None, None
+    on_disk: list[Path] = []  # checkpoints of this run still on disk, oldest first
+    deletions: list[threading.Thread] = []
     stall: float | None = None  # stall of the latest checkpoint so far (save call + waits it caused)
 
     def before_step() -> None:
@@ -198,6 +210,10 @@ def train(method: str, args: argparse.Namespace, directory: Path, result: RunRes
             path = directory / f"{method.split()[0]}-{step}"
             pending, staging = _save(method, _state_of(model, optimizer, step), path, config, stager)
             stall = time.perf_counter() - start
+            # Keep the new checkpoint and the complete one before it; delete older ones off the loop.
+            on_disk.append(path)
+            while len(on_disk) > 2:
+                deletions.append(_delete_in_background(on_disk.pop(0)))
     if pending is not None:
         pending.result()
     synchronize(args.device)
@@ -206,6 +222,27 @@ def train(method: str, args: argparse.Namespace, directory: Path, result: RunRes
         result.stalls.append(stall)
     if stager is not None:
         stager.close()
+    for thread in deletions:
+        thread.join()
+
+
+def make_stager(device: str) -> DefaultStager:
+    return DefaultStager(staging_options(device))
+
+
+def staging_options(device: str) -> StagingOptions:
+    """Stock staging as torchtitan's async mode uses it on CUDA: pinned, asynchronous, non-blocking
+    copies -- into private pinned memory, not ``/dev/shm`` (that only serves the checkpoint process)."""
+    cuda = device == "cuda"
+    return StagingOptions(use_pinned_memory=cuda, use_shared_memory=False, use_async_staging=cuda,
+                          use_non_blocking_copy=cuda)
+
+
+def _delete_in_background(path: Path) -> threading.Thread:
+    thread = threading.Thread(target=shutil.rmtree, args=(path,), kwargs={"ignore_errors": True},
+                              name="train-bench-delete", daemon=True)
+    thread.start()
+    return thread
 
 
 def _state_of(model: torch.nn.Module, optimizer: "torch.optim.AdamW | MixedPrecisionAdamW", step: int) -> dict:
@@ -231,6 +268,30 @@ def _save(method: str, state: dict, path: Path, config: DataStatesConfig, stager
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 METHODS = ["none", "DataStatesWriter async", "stock async_save + DefaultStager", "stock FileSystemWriter"]
+METHOD_KEYS = dict(zip(["none", "datastates", "stock-async", "stock-sync"], METHODS))
+
+
+def check_room(directory: Path, state_bytes: int, methods: list[str]) -> None:
+    """Refuse to start a run that cannot fit: two checkpoints on disk, pinned staging in host memory."""
+    need_disk = 2 * state_bytes + 2**30  # the checkpoint in flight, the one before it, and slack
+    free_disk = shutil.disk_usage(directory).free
+    if free_disk < need_disk:
+        raise SystemExit(
+            f"{directory} has {free_disk / 2**30:.1f} GiB free; this benchmark keeps up to two {state_bytes / 2**30:.1f} GiB "
+            f"checkpoints ({need_disk / 2**30:.1f} GiB): pass --dir on a larger file system or a smaller model"
+        )
+    try:
+        available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return
+    pinned = state_bytes * sum(m in methods for m in METHODS[1:3])  # our pool and the stock stager's copy
+    if available < pinned + 4 * 2**30:
+        print(f"warning: {available / 2**30:.1f} GiB of host memory available; staging pins about "
+              f"{pinned / 2**30:.1f} GiB", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -249,27 +310,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--every", type=int, default=10)
     parser.add_argument("--pool", default="auto",
-                        help="DataStates host pool; 'auto' sizes it to hold the whole state (full overlap)")
+                        help="DataStates host pool (host_pool_bytes); 'auto', the default, sizes it to the state")
     parser.add_argument("--chunk", default="32MiB", help="DataStates staging buffer / write size")
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per method, round-robin (the order rotating); totals are medians")
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--methods", default=",".join(METHOD_KEYS),
+                        help=f"comma-separated subset of {', '.join(METHOD_KEYS)} (none always runs: the baseline)")
     args = parser.parse_args(argv)
+    keys = [k.strip() for k in args.methods.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in METHOD_KEYS]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHOD_KEYS)}")
+    methods = [m for k, m in METHOD_KEYS.items() if k == "none" or k in keys]
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
     probe = Transformer(args.vocab, args.dim, args.layers, args.heads)
     params = sum(p.numel() for p in probe.parameters())
     del probe
     state = params * state_bytes_per_parameter(DTYPES[args.dtype])
-    if args.pool == "auto":
-        chunk = DataStatesConfig(chunk_bytes=args.chunk).chunk_bytes
-        args.pool = (state // chunk + 4) * chunk  # + framing of every record, rounded up to whole buffers
     DataStatesConfig(host_pool_bytes=args.pool, chunk_bytes=args.chunk)  # fail before training on a bad size
     directory = Path(tempfile.mkdtemp(prefix="dcp_datastates_train_bench_", dir=args.dir))
     try:
-        results = {method: RunResult(method) for method in METHODS}
+        if len(methods) > 1:
+            check_room(directory, state, methods)
+        results = {method: RunResult(method) for method in methods}
         for repeat in range(args.repeats):
-            for method in METHODS[repeat % len(METHODS) :] + METHODS[: repeat % len(METHODS)]:
+            for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:
+                began = time.perf_counter()
                 train(method, args, directory, results[method])
+                print(f"[{method}: run {repeat + 1} trained in {results[method].seconds[-1]:.2f} s, "
+                      f"{time.perf_counter() - began:.0f} s with set-up]", file=sys.stderr, flush=True)
                 shutil.rmtree(directory, ignore_errors=True)
                 directory.mkdir()
                 if args.device == "cuda":

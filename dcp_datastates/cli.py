@@ -1,12 +1,21 @@
 """``dcp-datastates`` / ``python -m dcp_datastates``: look inside, verify, convert, benchmark.
 
-    dcp-datastates inspect PATH [--json]
-    dcp-datastates verify PATH [--json] [--no-progress]
-    dcp-datastates convert PATH --to torch|safetensors OUT [--trust]
+    dcp-datastates inspect PATH [--json] [--trust]
+    dcp-datastates verify PATH [--json] [--no-progress] [--trust]
+    dcp-datastates convert PATH OUT --to torch|safetensors [--json] [--trust]
     dcp-datastates bench [--size-gib N --repeats N --dir DIR --device cpu|cuda]
+    dcp-datastates --version
 
-Exit codes: 0 success, 1 the checkpoint is corrupt (verify), 2 bad usage or a
-checkpoint that cannot be opened.
+Exit codes:
+  0  success (verify: every data file verified against its checksums)
+  1  the checkpoint is damaged (a data, checksum or .metadata file is missing, short,
+     altered or malformed)
+  2  usage error, or input that cannot be used: no such path, not a checkpoint,
+     unreadable, or content refused as unsafe without --trust
+  3  verify only: nothing wrong found, but unverified -- saved without checksums
+     (stock DCP, or checksums=False), so only sizes could be checked
+
+With --json, results and errors alike are printed as JSON on stdout.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -22,10 +32,23 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
-from dcp_datastates.errors import DataStatesError
+from dcp_datastates import __version__
+from dcp_datastates.errors import (
+    CheckpointIOError,
+    CheckpointPathError,
+    CorruptCheckpointError,
+    DataStatesError,
+)
+from dcp_datastates.metadata_check import read_checkpoint_metadata
 from dcp_datastates.reader import DataStatesReader
 
+EXIT_OK, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_UNVERIFIED = 0, 1, 2, 3
+
 _RANK_RE = re.compile(r"^__(\d+)_")
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
 
 
 def _human(n: float) -> str:
@@ -75,12 +98,12 @@ def _print_inspect(path: str, info: dict[str, Any]) -> None:
     for row in (header, *rows):
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
     t = info["totals"]
-    print(f"total: {t['keys']} keys ({t['tensors']} tensors, {t['objects']} objects), "
-          f"{_human(t['tensor_bytes'])} of tensors, {t['files']} data files, {t['ranks']} ranks")
+    print(f"total: {_plural(t['keys'], 'key')} ({_plural(t['tensors'], 'tensor')}, {_plural(t['objects'], 'object')}), "
+          f"{_human(t['tensor_bytes'])} of tensors, {_plural(t['files'], 'data file')}, {_plural(t['ranks'], 'rank')}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    info = describe(DataStatesReader(args.path).read_metadata())
+    info = describe(read_checkpoint_metadata(args.path, trust=args.trust))
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -92,28 +115,38 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from dcp_datastates.checksums import load_checksums
-    from dcp_datastates.verify import verify_checkpoint
+    from dcp_datastates.verify import DAMAGED, VERIFIED, planned_bytes, verify_checkpoint
 
-    total = sum(fc.size for fc in load_checksums(Path(args.path)).values())
+    quiet = args.no_progress or args.json
+    read_checkpoint_metadata(args.path, trust=args.trust)  # an unusable checkpoint fails before any progress bar
+    total = 0 if quiet else planned_bytes(args.path, trust=args.trust)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
-              disable=args.no_progress or args.json, file=sys.stderr) as bar:
-        report = verify_checkpoint(args.path, progress=bar.update)
+              disable=quiet, file=sys.stderr) as bar:
+        report = verify_checkpoint(args.path, progress=bar.update, trust=args.trust)
     rate = report.bytes_verified / report.seconds if report.seconds else 0.0
+    code = {VERIFIED: EXIT_OK, DAMAGED: EXIT_DAMAGED}.get(report.status, EXIT_UNVERIFIED)
     if args.json:
-        print(json.dumps({"path": report.path, "ok": report.ok, "files_verified": report.files_verified,
-                          "files_unverified": report.files_unverified, "bytes_verified": report.bytes_verified,
-                          "seconds": report.seconds, "problems": [vars(p) for p in report.problems]}, indent=2))
+        print(json.dumps({"path": report.path, "status": report.status, "ok": report.ok, "exit_code": code,
+                          "saved_with_checksums": report.saved_with_checksums,
+                          "files_verified": report.files_verified, "files_unverified": report.files_unverified,
+                          "bytes_verified": report.bytes_verified, "seconds": report.seconds,
+                          "problems": [vars(p) for p in report.problems]}, indent=2))
+        return code
+    for p in report.problems:
+        keys = ", ".join(repr(k) for k in p.keys) or "no recorded key"
+        print(f"CORRUPT {p.file} at offset {p.offset} ({p.length} bytes): {p.reason}; affects {keys}")
+    for name in report.files_unverified:
+        print(f"unverified {name}: no checksums recorded (saved without checksums); sizes checked only")
+    summary = (f"{_plural(report.files_verified, 'file')}, {_human(report.bytes_verified)} verified "
+               f"in {report.seconds:.2f} s ({_human(rate)}/s)")
+    if report.status == DAMAGED:
+        print(f"DAMAGED ({_plural(len(report.problems), 'problem')}): {summary}")
+    elif report.status == VERIFIED:
+        print(f"VERIFIED: {summary}")
     else:
-        for p in report.problems:
-            keys = ", ".join(repr(k) for k in p.keys) or "no recorded key"
-            print(f"CORRUPT {p.file} at offset {p.offset} ({p.length} bytes): {p.reason}; affects {keys}")
-        for name in report.files_unverified:
-            print(f"unverified {name}: no checksums recorded (written by stock DCP?); sizes checked only")
-        verdict = "OK" if report.ok else f"CORRUPT ({len(report.problems)} problem(s))"
-        print(f"{verdict}: {report.files_verified} files, {_human(report.bytes_verified)} verified "
-              f"in {report.seconds:.2f} s ({_human(rate)}/s)")
-    return 0 if report.ok else 1
+        print(f"UNVERIFIED (saved without checksums): no problem found, but {_plural(len(report.files_unverified), 'file')} "
+              f"could only be size-checked; {summary}")
+    return code
 
 
 # -- convert -----------------------------------------------------------------------------------
@@ -140,24 +173,37 @@ def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    state = load_full_state(args.path, args.trust)
     out = Path(args.out)
-    if args.to == "torch":
-        torch.save(state, out)
-    else:
+    if not out.parent.is_dir():
+        raise CheckpointPathError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist; create it first")
+    if out.is_dir():
+        raise CheckpointPathError(f"cannot write {str(out)!r}: it is a directory; name the output file")
+    if args.to == "safetensors":
         try:
             from safetensors.torch import save_file
         except ImportError:
-            print("convert --to safetensors needs the safetensors package: pip install 'dcp-datastates[safetensors]'",
-                  file=sys.stderr)
-            return 2
-        flat = _flatten(state)
-        tensors = {k: v.contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}
-        objects = {k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)}
-        # safetensors holds only tensors; other state travels as JSON in its string metadata.
-        save_file(tensors, str(out), metadata={"dcp_datastates.objects": json.dumps(objects, default=repr)})
-    print(f"wrote {out} ({_human(out.stat().st_size)})")
-    return 0
+            raise _UsageError("convert --to safetensors needs the safetensors package: "
+                              "pip install 'dcp-datastates[safetensors]'") from None
+    state = load_full_state(args.path, args.trust)
+    tmp = out.with_name(f".{out.name}.partial")  # a failed convert never leaves a half-written OUT
+    try:
+        if args.to == "torch":
+            torch.save(state, tmp)
+        else:
+            flat = _flatten(state)
+            tensors = {k: v.contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}
+            objects = {k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)}
+            # safetensors holds only tensors; other state travels as JSON in its string metadata.
+            save_file(tensors, str(tmp), metadata={"dcp_datastates.objects": json.dumps(objects, default=repr)})
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    size = out.stat().st_size
+    if args.json:
+        print(json.dumps({"ok": True, "path": args.path, "out": str(out), "format": args.to, "bytes": size}, indent=2))
+    else:
+        print(f"wrote {out} ({_human(size)})")
+    return EXIT_OK
 
 
 def cmd_bench(rest: list[str]) -> int:
@@ -167,36 +213,83 @@ def cmd_bench(rest: list[str]) -> int:
     return 0
 
 
+class _UsageError(Exception):
+    """Bad command line (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise _UsageError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dcp-datastates", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="dcp-datastates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    trust_help = "allow arbitrary pickled content (only for checkpoints you trust: it can run code)"
     p = sub.add_parser("inspect", help="table of keys, shapes, dtypes, sizes, shards per rank")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--trust", action="store_true", help=trust_help)
     p = sub.add_parser("verify", help="check every byte against the checksums recorded at save time")
     p.add_argument("path")
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--trust", action="store_true", help=trust_help)
     p = sub.add_parser("convert", help="consolidated single-file export")
     p.add_argument("path")
     p.add_argument("out")
     p.add_argument("--to", choices=["torch", "safetensors"], required=True)
-    p.add_argument("--trust", action="store_true", help="allow arbitrary pickled objects (only for checkpoints you trust)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--trust", action="store_true", help=trust_help)
     sub.add_parser("bench", help="save throughput: ours vs stock DCP (see python -m dcp_datastates.bench -h)", add_help=False)
     return parser
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """DCP wraps errors raised inside a load in ``CheckpointException``; report the first rank's own error."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    if isinstance(exc, CheckpointException) and exc.failures:
+        first = next(iter(exc.failures.values()))
+        return first[0] if isinstance(first, tuple) else first
+    return exc
+
+
+def exit_code_for(exc: BaseException) -> int:
+    """1 for a damaged checkpoint, 2 for everything that makes the input unusable as given."""
+    if isinstance(exc, (CorruptCheckpointError, CheckpointIOError)) and not isinstance(exc, CheckpointPathError):
+        return EXIT_DAMAGED
+    return EXIT_UNUSABLE
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
-    args = build_parser().parse_args(argv)
+    as_json = "--json" in argv
     try:
+        args = build_parser().parse_args(argv)
         return {"inspect": cmd_inspect, "verify": cmd_verify, "convert": cmd_convert}[args.command](args)
-    except (DataStatesError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except SystemExit as exc:  # --help, --version
+        return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_UNUSABLE
+    except BaseException as raised:  # noqa: BLE001 - the CLI answers with a message and an exit code, never a traceback
+        if isinstance(raised, KeyboardInterrupt):
+            raise
+        exc = _unwrap(raised)
+        if isinstance(exc, _UsageError):
+            kind, message, code = "usage", str(exc), EXIT_UNUSABLE
+        elif isinstance(exc, (DataStatesError, OSError)):
+            kind, message, code = type(exc).__name__, str(exc), exit_code_for(exc)
+        else:
+            kind, code = "internal", EXIT_UNUSABLE
+            message = f"unexpected {type(exc).__name__}: {exc} (a bug in dcp-datastates; please report it)"
+        if as_json:
+            print(json.dumps({"ok": False, "status": "damaged" if code == EXIT_DAMAGED else "error",
+                              "error": kind, "message": message, "exit_code": code}, indent=2))
+        else:
+            print(f"error: {message}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

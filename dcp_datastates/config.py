@@ -64,11 +64,15 @@ class DataStatesConfig(BaseModel):
         description="Size of one host staging buffer and so of one write call. Must be a multiple of 4096 "
         "(the O_DIRECT alignment).",
     )
-    host_pool_bytes: int = Field(
-        512 * 1024**2,
-        description="Total host memory of the staging buffer pool (pinned where CUDA is available). "
-        "Allocated once per process and reused across checkpoints; a state larger than the pool streams "
-        "through it chunk by chunk. Must hold at least two chunks so copying overlaps writing.",
+    host_pool_bytes: int | Literal["auto"] = Field(
+        "auto",
+        description="Total host memory of the staging buffer pool (pinned where CUDA is available), allocated "
+        "once per process, filled (faulted in, pinned) on a background thread and reused across checkpoints. "
+        "'auto' sizes it to this rank's checkpoint bytes on the first save, capped by half the available host "
+        "memory (MemAvailable, or the cgroup's limit) split between the node's ranks (LOCAL_WORLD_SIZE), grows "
+        "it within that cap if the state grows, and logs the size and why; a state that cannot fit streams "
+        "through it. An explicit size is used as given (a larger state streams through it chunk by chunk) and "
+        "must hold at least two chunks so copying overlaps writing.",
     )
     direct_io: bool = Field(
         True,
@@ -89,8 +93,15 @@ class DataStatesConfig(BaseModel):
 
     @field_validator("chunk_bytes", "host_pool_bytes", mode="before")
     @classmethod
-    def _parse_sizes(cls, value: int | str, info) -> int:  # type: ignore[no-untyped-def]
-        size = parse_size(value, info.field_name)
+    def _parse_sizes(cls, value: int | str, info) -> int | str:  # type: ignore[no-untyped-def]
+        if info.field_name == "host_pool_bytes" and isinstance(value, str) and value.strip().lower() == "auto":
+            return "auto"
+        try:
+            size = parse_size(value, info.field_name)
+        except ValueError as exc:
+            if info.field_name == "host_pool_bytes":
+                raise ValueError(f"{exc}; or 'auto' to size the pool to the state") from None
+            raise
         if size <= 0:
             raise ValueError(f"{info.field_name} must be a positive number of bytes, got {size}")
         return size
@@ -107,11 +118,11 @@ class DataStatesConfig(BaseModel):
 
     @model_validator(mode="after")
     def _pool_holds_two_chunks(self) -> "DataStatesConfig":
-        if self.host_pool_bytes < 2 * self.chunk_bytes:
+        if self.host_pool_bytes != "auto" and self.host_pool_bytes < 2 * self.chunk_bytes:
             raise ValueError(
                 f"host_pool_bytes ({self.host_pool_bytes}) must be at least 2 * chunk_bytes "
-                f"({2 * self.chunk_bytes}) so that staging overlaps writing; raise host_pool_bytes "
-                "or lower chunk_bytes"
+                f"({2 * self.chunk_bytes}) so that staging overlaps writing; raise host_pool_bytes, "
+                "lower chunk_bytes, or use host_pool_bytes='auto'"
             )
         return self
 
@@ -121,6 +132,8 @@ class DataStatesConfig(BaseModel):
         return math.gcd(self.chunk_bytes, CHECKSUM_BLOCK_BYTES)
 
     @property
-    def pool_buffers(self) -> int:
-        """Number of chunk-sized buffers in the host pool."""
+    def pool_buffers(self) -> int | None:
+        """Number of chunk-sized buffers in the host pool; None for 'auto' (sized at the first save)."""
+        if self.host_pool_bytes == "auto":
+            return None
         return self.host_pool_bytes // self.chunk_bytes

@@ -36,3 +36,16 @@ class ChecksumMismatchError(CheckpointIOError):
 
 class UnsafeCheckpointError(DataStatesError, ValueError):
     """Loading would unpickle something that could run code; needs an explicit opt-in."""
+
+
+class CorruptCheckpointError(DataStatesError, ValueError):
+    """A checkpoint file is malformed: ``.metadata``, a checksum file, or a record's place in a data file.
+
+    The message names the file and what is wrong with it. Raised instead of whatever raw
+    exception the malformed bytes would otherwise provoke, and never after running or
+    allocating anything the file asked for.
+    """
+
+
+class UnsupportedCheckpointError(DataStatesError, ValueError):
+    """The checkpoint uses a feature this reader cannot decode (the message starts "unsupported: <what>")."""

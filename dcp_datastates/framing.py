@@ -87,6 +87,7 @@ def tensor_bytes_view(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.detach().resolve_conj().resolve_neg()
     if flat.numel() == 0:
         return torch.empty(0, dtype=torch.uint8, device=tensor.device)
-    if not flat.is_contiguous():
-        flat = flat.contiguous()
-    return flat.reshape(-1).view(torch.uint8)
+    flat = flat.reshape(-1)
+    if flat.stride(0) != 1:  # also a one-element view with stride != 1, which is_contiguous() accepts
+        flat = flat.clone(memory_format=torch.contiguous_format)
+    return flat.view(torch.uint8)

@@ -1,50 +1,62 @@
 """``DataStatesReader``: DCP ``StorageReader`` for checkpoints of ours or of stock DCP.
 
-Read flow: read plan (DCP's planner picks which stored chunks feed which local
-tensors, resharding included) -> read (per file, records in offset order, gathered
-into large block-aligned windows so thousands of small records cost a few reads)
--> verify (every block of a window against the checksums recorded at save time,
-when the checkpoint has them) -> deliver (``torch.load(weights_only=True)`` per tensor
-record, a copy of the requested slice into the destination; object records are
-checked for safe unpickling first).
+Read flow, the mirror of the write path: **read plan** (DCP's planner picks which
+stored chunks feed which local tensors, resharding included; ``read_plan`` sorts the
+records by offset, widens them to checksum blocks and merges them into large aligned
+windows, so thousands of small records cost a few reads) -> **read** (``read_stream``:
+the windows stream through reusable page-aligned, pinned-with-CUDA buffers, several
+reads in flight through the io_uring or preadv engine of ``native/``, O_DIRECT) ->
+**verify** (each window's blocks against the checksums recorded at save time, as it
+lands) -> **deliver** (``deliver``: tensor records in our framing are decoded in place
+-- the prefix compared byte for byte, the data copied straight from the buffer into the
+destination, asynchronously to a GPU -- while the next reads are in flight; other
+records are decoded as stock DCP does, stream transforms included, objects checked for
+safe unpickling first).
 """
 
 from __future__ import annotations
 
-import io
+import contextlib
+import dataclasses
 import os
+import socket
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal
 
 import torch
-from torch.distributed._shard._utils import narrow_tensor_by_index
+import torch.distributed as dist
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, StorageMeta
-from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
 
-from dcp_datastates.checksums import FileChecksums, keys_overlapping, load_checksums
+from dcp_datastates.buffer_pool import HostBuffer
+from dcp_datastates.checksums import FileChecksums, keys_overlapping
 from dcp_datastates.commit import METADATA_FILE
+from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.deliver import RecordDelivery
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import (
     CheckpointIOError,
-    CheckpointPathError,
     ChecksumMismatchError,
+    DataStatesError,
     IncompleteCheckpointError,
 )
-from dcp_datastates.safe_pickle import check_object_record, load_metadata
-
-#: Largest read issued at once; records are gathered up to this size per read.
-READ_WINDOW_BYTES = 64 * 1024**2
-
-
-@dataclass(frozen=True)
-class _Window:
-    start: int
-    end: int
-    items: list[ReadItem]
+from dcp_datastates.metadata_check import (
+    ChecksumSet,
+    data_file_problems,
+    load_verified_checksums,
+    read_checkpoint_metadata,
+    validate_metadata,
+)
+from dcp_datastates.native import create_read_engine, open_for_read
+from dcp_datastates.read_plan import ReadPlan, StoredTensors, Window, classify, plan_reads, stored_tensors
+from dcp_datastates.read_stream import checkout_pool, stream_windows
+from dcp_datastates.shared_reads import LocalPlanInfo, SharedBatch, SharedReads, assign_shared_reads
 
 
 class DataStatesReader(DirectoryCheckpointId, StorageReader):
@@ -56,10 +68,24 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             (checkpoints written by stock DCP have none and load unverified).
         trust_checkpoint: allow unpickling arbitrary Python objects from the checkpoint. Off by
             default: only what ``torch.load(weights_only=True)`` accepts is loaded.
+        config: I/O settings shared with the writer: ``io_engine``/``io_threads``/``queue_depth``
+            (reads in flight), ``chunk_bytes`` (one read buffer), ``direct_io``.
+        replicated_reads: records several ranks need (replicated state) are read by one rank and
+            broadcast over the default process group (``"once"``), or read by every rank that
+            needs them (``"every_rank"``). ``"auto"``: once when the ranks span several hosts
+            (storage shared by nodes: N readers cost N times its bandwidth), every rank on one
+            host (a local disk and its page cache serve them without a network hop).
     """
 
-    def __init__(self, path: str | os.PathLike, *, verify_checksums: bool = True, trust_checkpoint: bool = False) -> None:
+    def __init__(self, path: str | os.PathLike, *, verify_checksums: bool = True, trust_checkpoint: bool = False,
+                 config: DataStatesConfig | None = None,
+                 replicated_reads: Literal["auto", "once", "every_rank"] = "auto") -> None:
         super().__init__()
+        if replicated_reads not in ("auto", "once", "every_rank"):
+            raise ValueError(f"replicated_reads must be 'auto', 'once' or 'every_rank', got {replicated_reads!r}")
+        self.replicated_reads = replicated_reads
+        self.config = config if config is not None else DataStatesConfig()
+        self.last_read = ReadStats()
         self.path = Path(path)
         self.verify_checksums = verify_checksums
         self.trust_checkpoint = trust_checkpoint
@@ -74,34 +100,48 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
 
     # -- read plan ---------------------------------------------------------------------------
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        if not self.path.exists():
-            raise CheckpointPathError(f"checkpoint path {str(self.path)!r} does not exist")
-        if not self.path.is_dir():
-            raise CheckpointPathError(f"checkpoint path {str(self.path)!r} is a file; DCP checkpoints are directories")
-        metadata_path = self.path / METADATA_FILE
-        if not metadata_path.is_file():
-            raise IncompleteCheckpointError(
-                f"{str(self.path)!r} is not a complete checkpoint: it has no {METADATA_FILE} file. A save into it "
-                "failed or is still running, or this is not a checkpoint directory; load an earlier checkpoint."
-            )
-        with open(metadata_path, "rb") as f:
-            metadata = load_metadata(f, trust=self.trust_checkpoint)
-        if not isinstance(metadata, Metadata):
-            raise IncompleteCheckpointError(f"{metadata_path} does not hold DCP Metadata (got {type(metadata).__name__})")
+        """The checked ``.metadata`` (see ``metadata_check``): nothing in it is acted on before this.
+
+        Parses it safely, checks its structure, that it belongs to this directory's data
+        files and that they exist with the sizes it and the checksums imply, and loads the
+        checksums it vouches for -- all before DCP's planner sizes a single tensor from it.
+
+        DCP's loader replaces any exception from ``read_metadata`` with a bare
+        ``AssertionError`` carrying only its text. So when DCP's loader is the caller, a
+        failure is deferred: it gets an empty ``Metadata`` (nothing to plan from) and
+        ``set_up_storage_reader`` -- which DCP calls before acting on any item -- raises
+        the typed error, which DCP then reports as is.
+        """
+        try:
+            metadata = read_checkpoint_metadata(self.path, trust=self.trust_checkpoint)
+            self._check_metadata_matches_files(metadata)
+        except DataStatesError as exc:
+            if sys._getframe(1).f_globals.get("__name__") != "torch.distributed.checkpoint.state_dict_loader":
+                raise
+            placeholder = Metadata(state_dict_metadata={}, planner_data={}, storage_data={}, storage_meta=StorageMeta())
+            self._deferred_error = (id(placeholder), exc)
+            return placeholder
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         return metadata
 
     def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
-        if metadata.storage_data is None:
-            raise IncompleteCheckpointError(f"{self.path / METADATA_FILE} has no storage_data: not a file-system checkpoint")
+        deferred = getattr(self, "_deferred_error", None)
+        if deferred is not None and deferred[0] == id(metadata):
+            self._deferred_error = None
+            raise deferred[1]
+        if getattr(self, "_checked", None) != (self.path, id(metadata)):  # not from our read_metadata
+            validate_metadata(metadata, str(self.path / METADATA_FILE), trust=self.trust_checkpoint)
+            self._check_metadata_matches_files(metadata)
         self.storage_data = metadata.storage_data
-        self._check_metadata_matches_files()
-        self.checksums = load_checksums(self.path) if self.verify_checksums else {}
 
-    def _check_metadata_matches_files(self) -> None:
-        """A ``.metadata`` copied from another checkpoint references files this directory lacks."""
-        referenced = {info.relative_path for info in self.storage_data.values()}
+    def _check_metadata_matches_files(self, metadata: Metadata) -> None:
+        """Refuse a ``.metadata`` that does not describe this directory's files; load the checksums it vouches for.
+
+        A ``.metadata`` copied from another checkpoint references files this directory
+        lacks; a damaged or tampered checksum file, or data file of the wrong size, is named.
+        """
+        referenced = {info.relative_path for info in metadata.storage_data.values()}
         present = {p.name for p in self.path.iterdir() if p.name.endswith(".distcp")}
         if referenced and present and not referenced & present:
             raise IncompleteCheckpointError(
@@ -109,84 +149,234 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 f"{sorted(referenced)[:3]}, the directory holds {sorted(present)[:3]}. Was .metadata copied from "
                 "another checkpoint? Restore the matching .metadata or load the checkpoint it came from."
             )
+        checksums = load_verified_checksums(self.path, metadata) if self.verify_checksums else ChecksumSet()
+        problems = checksums.problems or data_file_problems(self.path, metadata, checksums.files)
+        if problems:
+            raise problems[0].exception()
+        self.checksums = checksums.files
+        self._checked = (self.path, id(metadata))
 
     def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
-        return plan
+        return dataclasses.replace(plan, storage_data=LocalPlanInfo(socket.gethostname()))
 
     def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
-        return plans
+        """On the coordinator: give each record several ranks need one reader (see ``shared_reads``)."""
+        if self.replicated_reads == "every_rank" or len(plans) < 2:
+            return plans
+        hosts = {p.storage_data.host for p in plans if isinstance(p.storage_data, LocalPlanInfo)}
+        if self.replicated_reads == "auto" and len(hosts) < 2:
+            return plans
+        shared = assign_shared_reads(plans, self.storage_data)
+        return plans if shared is None else [dataclasses.replace(p, storage_data=shared) for p in plans]
 
     # -- read, verify, deliver -----------------------------------------------------------------
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        per_file: dict[str, list[ReadItem]] = {}
-        for item in plan.items:
-            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
-        for relative_path, items in per_file.items():
-            items.sort(key=lambda it: self.storage_data[it.storage_index].offset)
-            self._read_file(relative_path, items, planner)
+        """Read every record of ``plan`` (read plan -> read engine -> verify -> deliver); see the module doc."""
+        self.last_read = ReadStats()
+        shared = plan.storage_data if isinstance(plan.storage_data, SharedReads) else None
+        if shared is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() == shared.world_size:
+            self._read_with_exchange(plan.items, planner, shared)
+        elif plan.items:
+            self._read_items(plan.items, planner)
         future: Future[None] = Future()
         future.set_result(None)
         return future
 
-    def _windows(self, items: list[ReadItem], block_bytes: int, file_size: int | None) -> list[_Window]:
-        """Group offset-sorted records into reads of at most READ_WINDOW_BYTES, block-aligned."""
-        windows: list[_Window] = []
+    # -- replicated state: one reader, a broadcast to the others ------------------------------------
+    def _read_with_exchange(self, items: list[ReadItem], planner: LoadPlanner, shared: SharedReads) -> None:
+        """Read this rank's own records, then, batch by batch, read (owner) or receive the shared ones.
+
+        Every rank walks the same batches in the same order, so the broadcasts match. Before each
+        broadcast the ranks agree that its owner read it: a rank that failed must not leave the
+        others waiting in a broadcast that never comes.
+        """
+        rank = dist.get_rank()
+        shared_indexes = shared.indexes()
+        mine: dict[MetadataIndex, list[ReadItem]] = {}
+        own_items = []
         for item in items:
-            info = self.storage_data[item.storage_index]
-            start = info.offset // block_bytes * block_bytes
-            end = -(-(info.offset + info.length) // block_bytes) * block_bytes
-            if file_size is not None:
-                end = min(end, file_size)
-            last = windows[-1] if windows else None
-            if last is not None and start <= last.end and max(end, last.end) - last.start <= READ_WINDOW_BYTES:
-                last.items.append(item)  # in place: rebuilding the list per record made planning quadratic
-                windows[-1] = _Window(last.start, max(end, last.end), last.items)
+            if item.storage_index in shared_indexes:
+                mine.setdefault(item.storage_index, []).append(item)
             else:
-                windows.append(_Window(start, end, [item]))
-        return windows
+                own_items.append(item)
+        error: BaseException | None = None
+        try:
+            if own_items:
+                self._read_items(own_items, planner)
+        except BaseException as exc:  # noqa: BLE001 - re-raised after the ranks agree
+            error = exc
+        _agree(error, "reading its own records")
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        stored = stored_tensors(getattr(planner, "metadata", None))
+        received_error: BaseException | None = None  # decoding what another rank sent; reported at the next agreement
+        for batch in shared.batches:
+            buffer = torch.empty(batch.nbytes, dtype=torch.uint8)
+            error = received_error
+            if rank == batch.owner and error is None:
+                try:
+                    tee = {index: position for index, position, _ in batch.records}
+                    self._read_items([it for index, _, _ in batch.records for it in mine.get(index, [])], planner,
+                                     (buffer, tee))
+                except BaseException as exc:  # noqa: BLE001
+                    error = exc
+            _agree(error, f"reading replicated records for the other ranks (rank {batch.owner})")
+            if device is None:
+                dist.broadcast(buffer, src=batch.owner)
+            else:  # NCCL moves device memory only
+                on_device = buffer.to(device) if rank == batch.owner else torch.empty(batch.nbytes, dtype=torch.uint8, device=device)
+                dist.broadcast(on_device, src=batch.owner)
+                buffer.copy_(on_device)
+            if rank == batch.owner:
+                continue
+            self.last_read.bytes_received += batch.nbytes
+            try:
+                self._deliver_received(batch, buffer, mine, stored, planner)
+            except BaseException as exc:  # noqa: BLE001 - the other ranks must not wait in a broadcast for us
+                received_error = exc
+        _agree(received_error, "decoding replicated records it received")
 
-    def _read_file(self, relative_path: str, items: list[ReadItem], planner: LoadPlanner) -> None:
-        path = self.path / relative_path
+    def _deliver_received(self, batch: SharedBatch, buffer: torch.Tensor, mine: dict[MetadataIndex, list[ReadItem]],
+                          stored: StoredTensors, planner: LoadPlanner) -> None:
+        view, address = memoryview(buffer.numpy()), buffer.data_ptr()
+        for index, position, length in batch.records:
+            for item in mine.get(index, []):
+                delivery = RecordDelivery(classify(item, self.storage_data[index], stored.get(index)), planner,
+                                          self.trust_checkpoint)
+                delivery.feed(view, buffer, position, position + length, address)
+                self.last_read.records += 1
+                self.last_read.framed += delivery.direct
+
+    def _read_items(self, items: list[ReadItem], planner: LoadPlanner, tee: _Tee | None = None) -> None:
+        first_key: dict[str, str] = {}
+        for item in items:
+            first_key.setdefault(self.storage_data[item.storage_index].relative_path, item.storage_index.fqn)
+        sizes: dict[str, int] = {}
+        for relative_path, fqn in first_key.items():
+            try:
+                sizes[relative_path] = os.stat(self.path / relative_path).st_size
+            except FileNotFoundError as exc:
+                raise CheckpointIOError(
+                    f"data file {relative_path!r} of checkpoint {str(self.path)!r} is missing "
+                    f"(needed by {fqn!r}); the checkpoint is damaged"
+                ) from exc
+            self._check_size(relative_path, sizes[relative_path], fqn)
+        block_bytes = {name: self.checksums[name].block_bytes for name in first_key if name in self.checksums}
+        read_plan = plan_reads(items, self.storage_data, stored_tensors(getattr(planner, "metadata", None)),
+                               sizes, block_bytes, self.config.chunk_bytes)
+        for f in read_plan.files:
+            for record in f.records:
+                if record.end > f.size:
+                    raise CheckpointIOError(
+                        f"{record.item.storage_index.fqn!r}: {f.relative_path} is truncated (wanted {record.length} "
+                        f"bytes at offset {record.offset}, got {max(0, f.size - record.offset)}); the checkpoint "
+                        "is damaged"
+                    )
+        self._stream(read_plan, planner, tee)
+
+    def _check_size(self, relative_path: str, size: int, fqn: str) -> None:
         checksums = self.checksums.get(relative_path)
-        try:
-            fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError as exc:
-            raise CheckpointIOError(
-                f"data file {relative_path!r} of checkpoint {str(self.path)!r} is missing "
-                f"(needed by {items[0].storage_index.fqn!r}); the checkpoint is damaged"
-            ) from exc
-        try:
-            size = os.fstat(fd).st_size
-            if checksums is not None and size != checksums.size:
-                raise ChecksumMismatchError(
-                    f"{relative_path} is {'truncated' if size < checksums.size else 'longer than saved'}: {size} bytes, "
-                    f"saved with {checksums.size} (holds {items[0].storage_index.fqn!r}); the checkpoint is damaged"
-                )
-            block_bytes = checksums.block_bytes if checksums is not None else 4096
-            for window in self._windows(items, block_bytes, checksums.size if checksums else None):
-                data = memoryview(os.pread(fd, window.end - window.start, window.start))
-                if checksums is not None:
-                    self._verify(window, data, checksums, relative_path)
-                for item in window.items:
-                    info = self.storage_data[item.storage_index]
-                    record = data[info.offset - window.start : info.offset - window.start + info.length]
-                    if len(record) != info.length:
-                        raise CheckpointIOError(
-                            f"{item.storage_index.fqn!r}: {relative_path} is truncated (wanted {info.length} bytes "
-                            f"at offset {info.offset}, got {len(record)}); the checkpoint is damaged"
-                        )
-                    self._deliver(item, record, relative_path, info, planner)
-        finally:
-            os.close(fd)
+        if checksums is not None and size != checksums.size:
+            raise ChecksumMismatchError(
+                f"{relative_path} is {'truncated' if size < checksums.size else 'longer than saved'}: {size} bytes, "
+                f"saved with {checksums.size} (holds {fqn!r}); the checkpoint is damaged"
+            )
 
-    def _verify(self, window: _Window, data: memoryview, checksums: FileChecksums, relative_path: str) -> None:
+    def _stream(self, read_plan: ReadPlan, planner: LoadPlanner, tee: _Tee | None = None) -> None:
+        """Reads in flight through the engine; each window verified, then delivered, as it lands.
+
+        Files are opened when their first read is submitted and closed once their last window is
+        delivered: a stock checkpoint of one file per tensor keeps only a few open.
+        """
+        config = self.config
+        count = max(2, config.queue_depth)  # one geometry per config, so every load reuses the same pool
+        engine = create_read_engine(config.io_engine, io_threads=config.io_threads, queue_depth=count)
+        stats = self.last_read
+        stats.engine = engine.name
+        deliveries: dict[int, RecordDelivery] = {}
+        gpu_copies: dict[int, Any] = {}  # buffer index -> CUDA event after the copies out of it
+
+        opened: dict[int, int] = {}
+        last_window = {w.file_index: i for i, w in enumerate(read_plan.windows)}
+
+        def open_file(index: int) -> tuple[int, str]:
+            path = str(self.path / read_plan.files[index].relative_path)
+            if index not in opened:
+                try:
+                    opened[index] = open_for_read(path, config.direct_io).fd
+                except FileNotFoundError as exc:
+                    raise CheckpointIOError(f"data file {path!r} disappeared while loading") from exc
+            return opened[index], path
+
+        def before_reuse(buffer: HostBuffer) -> None:
+            event = gpu_copies.pop(buffer.index, None)
+            if event is not None:
+                event.synchronize()
+
+        try:
+            with checkout_pool(read_plan.buffer_bytes, count, torch.cuda.is_available()) as pool, \
+                    contextlib.closing(stream_windows(read_plan.windows, open_file, engine, pool, before_reuse)) as landing:
+                # closing(): on an error, wait for the reads in flight and return their buffers right here
+                clock = time.perf_counter()
+                for number, landed in enumerate(landing):
+                    now = time.perf_counter()
+                    stats.wait_seconds += now - clock
+                    window, buffer = landed.window, landed.buffer
+                    relative_path = read_plan.files[window.file_index].relative_path
+                    stats.windows += 1
+                    stats.bytes_read += landed.valid
+                    if landed.valid < window.end - window.start:
+                        raise CheckpointIOError(
+                            f"{relative_path} shrank while being read: wanted {window.end - window.start} bytes at "
+                            f"offset {window.start}, got {landed.valid} (holds {window.records[0].item.storage_index.fqn!r}); "
+                            "the checkpoint is damaged"
+                        )
+                    checksums = self.checksums.get(relative_path)
+                    if checksums is not None:
+                        self._verify(window, buffer.view[: landed.valid], checksums, relative_path)
+                        stats.bytes_verified += landed.valid
+                    clock = time.perf_counter()
+                    stats.verify_seconds += clock - now
+                    copied_to_gpu = False
+                    address = buffer.tensor.data_ptr()
+                    for record in window.records:
+                        delivery = deliveries.get(id(record))
+                        if delivery is None:
+                            delivery = deliveries[id(record)] = RecordDelivery(record, planner, self.trust_checkpoint)
+                        lo = max(record.offset, window.start) - window.start
+                        hi = max(lo, min(record.end, window.end) - window.start)
+                        if tee is not None and record.item.storage_index in tee[1]:  # verified bytes for other ranks
+                            at = tee[1][record.item.storage_index] + max(record.offset, window.start) - record.offset
+                            tee[0][at : at + hi - lo].copy_(buffer.tensor[lo:hi])
+                        if delivery.feed(buffer.view, buffer.tensor, lo, hi, address):
+                            del deliveries[id(record)]
+                            stats.records += 1
+                            stats.framed += delivery.direct
+                        copied_to_gpu |= delivery.cuda
+                    if copied_to_gpu:
+                        event = torch.cuda.Event()
+                        event.record()
+                        gpu_copies[buffer.index] = event
+                    now, clock = clock, time.perf_counter()
+                    stats.deliver_seconds += clock - now
+                    if last_window[window.file_index] == number:
+                        os.close(opened.pop(window.file_index))
+                for event in gpu_copies.values():
+                    event.synchronize()
+        finally:
+            engine.close()
+            for fd in opened.values():
+                os.close(fd)
+        if deliveries:  # every record ends inside a window; anything left means the plan is wrong
+            leftover = next(iter(deliveries.values())).record
+            raise CheckpointIOError(f"{leftover.item.storage_index.fqn!r}: record was not fully read (internal error)")
+
+    def _verify(self, window: Window, data: memoryview, checksums: FileChecksums, relative_path: str) -> None:
         bad_blocks = checksums.bad_blocks(data, window.start)
         if not bad_blocks:
             return
         bad = bad_blocks[0]
         block_start, block_end = bad * checksums.block_bytes, (bad + 1) * checksums.block_bytes
-        records = [(self.storage_data[it.storage_index].offset, self.storage_data[it.storage_index].length,
-                    it.storage_index.fqn) for it in window.items]
+        records = [(r.offset, r.length, r.item.storage_index.fqn) for r in window.records]
         keys = keys_overlapping(records, block_start, block_end)
         raise ChecksumMismatchError(
             f"checksum mismatch in {relative_path} at offset {block_start} (block of {checksums.block_bytes} bytes) "
@@ -194,25 +384,34 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             "is corrupted. Load an earlier checkpoint, or pass verify_checksums=False to read it anyway."
         )
 
-    def _deliver(self, item: ReadItem, record: memoryview, relative_path: str, info: _StorageInfo, planner: LoadPlanner) -> None:
-        if item.type == LoadItemType.BYTE_IO:
-            if not self.trust_checkpoint:
-                check_object_record(record, item.storage_index.fqn, relative_path, info.offset)
-            planner.load_bytes(item, io.BytesIO(record))
-            return
-        try:
-            stored = cast(torch.Tensor, torch.load(io.BytesIO(record), map_location="cpu", weights_only=True))
-        except Exception as exc:
-            raise CheckpointIOError(
-                f"{item.storage_index.fqn!r}: record in {relative_path} at offset {info.offset} "
-                f"({info.length} bytes) cannot be decoded ({exc}); the checkpoint is damaged"
-            ) from exc
-        source = narrow_tensor_by_index(stored, item.storage_offsets, item.lengths)
-        target = planner.resolve_tensor(item).detach()
-        if target.size() != source.size():
-            raise CheckpointIOError(
-                f"{item.storage_index.fqn!r}: stored slice has shape {tuple(source.size())}, "
-                f"destination expects {tuple(target.size())}"
-            )
-        target.copy_(source)
-        planner.commit_tensor(item, target)
+
+#: Where the owner of replicated records copies them for the broadcast: (batch buffer, position per record).
+_Tee = tuple[torch.Tensor, dict[MetadataIndex, int]]
+
+
+def _agree(error: BaseException | None, what: str) -> None:
+    """All ranks learn whether any failed; the one that failed raises its own error, the others say who."""
+    failed = torch.tensor([-1 if error is None else dist.get_rank()], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        failed = failed.cuda()
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if int(failed.item()) >= 0:
+        raise CheckpointIOError(f"rank {int(failed.item())} failed while {what}; its own error says why")
+
+
+@dataclass
+class ReadStats:
+    """What the last ``read_data`` did (tests and benchmarks use it to prove which path ran)."""
+
+    engine: str = ""
+    windows: int = 0
+    bytes_read: int = 0
+    bytes_verified: int = 0
+    bytes_received: int = 0  # replicated records received from the rank that read them
+    records: int = 0
+    framed: int = 0  # tensor records decoded from our framing straight into their destination
+    wait_seconds: float = 0.0  # waiting for reads to land
+    verify_seconds: float = 0.0  # checksumming landed windows
+    deliver_seconds: float = 0.0  # decoding and copying into destinations

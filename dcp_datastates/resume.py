@@ -1,7 +1,16 @@
-"""Finding the checkpoint to resume from: the newest *complete* one.
+"""Finding the checkpoint to resume from: the newest *complete*, *intact* one.
 
-A checkpoint directory is complete exactly when its ``.metadata`` exists (see
-``commit.py``), so a save that died halfway is skipped, never half-loaded.
+A checkpoint directory counts only if its ``.metadata`` exists (see ``commit.py``), parses
+safely and passes the structure check (``metadata_check``), the checksum files it vouches
+for are intact, and every data file it references exists with the size the records and
+checksums imply. So a save that died halfway, a zero-length ``.metadata`` or a directory
+whose data files are gone is skipped, never half-loaded. (Data bytes are not hashed here;
+the load does that.)
+
+Recognized names (:data:`STEP_NAME_PATTERNS`), ordered by the step number ``N``:
+``step-N``, ``step_N``, ``stepN`` and a bare ``N`` (torchtitan and our examples use
+``step-N``). Anything else -- ``backup-2024``, ``latest``, ``step-3.tmp`` -- is not a step
+and is skipped.
 """
 
 from __future__ import annotations
@@ -9,24 +18,46 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from dcp_datastates.commit import has_complete_checkpoint
+from dcp_datastates.errors import DataStatesError
+from dcp_datastates.metadata_check import data_file_problems, load_verified_checksums, read_checkpoint_metadata
 
-_STEP_RE = re.compile(r"(\d+)$")
+STEP_NAME_PATTERNS = (re.compile(r"^step[-_]?(\d+)$"), re.compile(r"^(\d+)$"))
 
 
-def list_complete_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoint directories under ``root`` named ``<prefix><step>``, oldest first."""
+def step_of(name: str) -> int | None:
+    """The step number a checkpoint directory's name encodes, or ``None`` if it is not a step name."""
+    for pattern in STEP_NAME_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def is_intact_checkpoint(path: str | Path, *, trust: bool = False) -> bool:
+    """Whether ``path`` holds a checkpoint that parses and whose files are all there at their sizes."""
+    path = Path(path)
+    try:
+        metadata = read_checkpoint_metadata(path, trust=trust)
+        checksums = load_verified_checksums(path, metadata)
+        return not checksums.problems and not data_file_problems(path, metadata, checksums.files)
+    except (DataStatesError, OSError):
+        return False
+
+
+def list_complete_checkpoints(root: str | Path, *, trust: bool = False) -> list[Path]:
+    """Intact checkpoint directories under ``root`` with a recognized step name, oldest step first."""
     root = Path(root)
     if not root.is_dir():
         return []
     found = []
     for child in root.iterdir():
-        match = _STEP_RE.search(child.name)
-        if match and child.is_dir() and has_complete_checkpoint(child):
-            found.append((int(match.group(1)), child))
-    return [path for _, path in sorted(found)]
+        step = step_of(child.name)
+        if step is not None and child.is_dir() and is_intact_checkpoint(child, trust=trust):
+            found.append((step, child.name, child))
+    return [path for _, _, path in sorted(found)]
 
 
-def latest_complete_checkpoint(root: str | Path) -> Path | None:
-    complete = list_complete_checkpoints(root)
+def latest_complete_checkpoint(root: str | Path, *, trust: bool = False) -> Path | None:
+    """The intact checkpoint with the highest step under ``root`` (``None`` if there is none)."""
+    complete = list_complete_checkpoints(root, trust=trust)
     return complete[-1] if complete else None

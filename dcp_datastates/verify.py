@@ -4,6 +4,12 @@ Files are read sequentially with O_DIRECT into aligned buffers (so the page cach
 neither flatter nor slow the result), the next chunk is read while the current one is
 hashed, and hashing runs in parallel numba kernels far above disk speed: verification
 runs at close to the disk's read bandwidth.
+
+The verdict is one of three (``VerifyReport.status``): ``verified`` (every data file
+checked against checksums the sealed ``.metadata`` vouches for), ``unverified`` (no
+problem found, but some files have no checksums: written by stock DCP or with
+``checksums=False``; sizes are still checked) and ``damaged`` (anything wrong: a missing,
+short or altered data file, a missing or altered checksum file, an altered ``.metadata``).
 """
 
 from __future__ import annotations
@@ -16,10 +22,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torch.distributed.checkpoint.metadata import Metadata
-
-from dcp_datastates.checksums import FileChecksums, keys_overlapping, load_checksums
-from dcp_datastates.reader import DataStatesReader
+from dcp_datastates.checksums import FileChecksums, keys_overlapping
+from dcp_datastates.metadata_check import (
+    data_file_problems,
+    load_verified_checksums,
+    read_checkpoint_metadata,
+    records_by_file,
+)
 
 VERIFY_CHUNK_BYTES = 32 * 1024**2
 
@@ -33,33 +42,37 @@ class Corruption:
     reason: str
 
 
+VERIFIED, UNVERIFIED, DAMAGED = "verified", "unverified", "damaged"
+
+
 @dataclass
 class VerifyReport:
     path: str
     files_verified: int = 0
-    files_unverified: list[str] = field(default_factory=list)  # no checksums (written by stock DCP)
+    files_unverified: list[str] = field(default_factory=list)  # no checksums (stock DCP, or checksums=False)
     bytes_verified: int = 0
     seconds: float = 0.0
     problems: list[Corruption] = field(default_factory=list)
+    saved_with_checksums: bool = False
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
-
-def _records_by_file(metadata: Metadata) -> dict[str, list[tuple[int, int, str]]]:
-    by_file: dict[str, list[tuple[int, int, str]]] = {}
-    for index, info in metadata.storage_data.items():
-        by_file.setdefault(info.relative_path, []).append((info.offset, info.length, index.fqn))
-    return by_file
+    @property
+    def status(self) -> str:
+        if self.problems:
+            return DAMAGED
+        return UNVERIFIED if self.files_unverified else VERIFIED
 
 
 def _open_for_read(path: Path) -> int:
     """O_DIRECT where the file system allows it (aligned mmap buffers make that legal)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # never through a link or FIFO
     try:
-        return os.open(path, os.O_RDONLY | os.O_DIRECT)
+        return os.open(path, flags | os.O_DIRECT)
     except OSError:
-        return os.open(path, os.O_RDONLY)
+        return os.open(path, flags)
 
 
 def _verify_file(path: Path, checksums: FileChecksums, progress: Callable[[int], None]) -> list[int]:
@@ -93,37 +106,49 @@ def _verify_file(path: Path, checksums: FileChecksums, progress: Callable[[int],
     return bad
 
 
-def verify_checkpoint(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> VerifyReport:
-    """Check every data file of a checkpoint against the checksums recorded at save time."""
+def planned_bytes(path: str | os.PathLike, *, trust: bool = False) -> int:
+    """Bytes ``verify_checkpoint`` will hash (for a progress bar); 0 if they cannot be known yet."""
+    try:
+        metadata = read_checkpoint_metadata(path, trust=trust)
+        return sum(fc.size for fc in load_verified_checksums(path, metadata).files.values())
+    except Exception:  # noqa: BLE001 - verify_checkpoint itself reports whatever is wrong
+        return 0
+
+
+def verify_checkpoint(
+    path: str | os.PathLike, progress: Callable[[int], None] | None = None, *, trust: bool = False
+) -> VerifyReport:
+    """Check every data file of a checkpoint against the checksums recorded at save time.
+
+    Raises our typed errors only where there is nothing to verify (no such directory, no
+    ``.metadata``, a ``.metadata`` that cannot be parsed or is refused as unsafe); every
+    other problem is collected in the report.
+    """
     directory = Path(path)
-    metadata = DataStatesReader(directory).read_metadata()
-    checksums = load_checksums(directory)
+    metadata = read_checkpoint_metadata(directory, trust=trust)
     report = VerifyReport(str(directory))
     step = progress or (lambda n: None)
     start = time.perf_counter()
-    for name, records in sorted(_records_by_file(metadata).items()):
-        file_path = directory / name
-        needed = max(offset + length for offset, length, _ in records)
-        if not file_path.is_file():
-            report.problems.append(Corruption(name, 0, needed, keys_overlapping(records, 0, needed), "file is missing"))
+    checksums = load_verified_checksums(directory, metadata)
+    report.saved_with_checksums = checksums.saved_with_checksums
+    by_file = records_by_file(metadata)
+    for problem in checksums.problems + data_file_problems(directory, metadata, checksums.files):
+        report.problems.append(Corruption(problem.file, problem.offset, problem.length, problem.keys, problem.reason))
+    damaged = {p.file for p in report.problems}
+    if checksums.problems:  # without trustworthy checksums, hashing the data proves nothing
+        report.seconds = time.perf_counter() - start
+        return report
+    for name, records in sorted(by_file.items()):
+        if name in damaged:
             continue
-        size = file_path.stat().st_size
-        if size < needed:
-            report.problems.append(
-                Corruption(name, size, needed - size, keys_overlapping(records, size, needed), f"truncated to {size} bytes")
-            )
-            continue
-        expected = checksums.get(name)
+        expected = checksums.files.get(name)
         if expected is None:
             report.files_unverified.append(name)
             continue
-        if size != expected.size:
-            report.problems.append(Corruption(name, 0, size, [], f"size {size} differs from saved size {expected.size}"))
-            continue
-        for offset in _verify_file(file_path, expected, step):
-            end = offset + expected.block_bytes
+        for offset in _verify_file(directory / name, expected, step):
+            length = max(0, min(expected.block_bytes, expected.size - offset))
             report.problems.append(
-                Corruption(name, offset, expected.block_bytes, keys_overlapping(records, offset, end), "checksum mismatch")
+                Corruption(name, offset, length, keys_overlapping(records, offset, offset + max(length, 1)), "checksum mismatch")
             )
         report.files_verified += 1
         report.bytes_verified += expected.size

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import os
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -53,6 +54,7 @@ from dcp_datastates.dcp_call import find_async_save_call
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError
 from dcp_datastates.held import write_held_file
+from dcp_datastates.metadata_check import expected_checksum_files, seal_metadata
 from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snapshot
 from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotPlan, SnapshotResult
@@ -73,13 +75,30 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
     Args:
         path: checkpoint directory (created if missing).
-        config: :class:`DataStatesConfig`; defaults if omitted.
+        config: :class:`DataStatesConfig`, or a mapping of its fields (``{"io_engine": "threads"}``)
+            validated into one here; defaults if omitted.
         overwrite: replace a complete checkpoint already in ``path``. The old one stays
             intact and loadable until the new one commits.
     """
 
-    def __init__(self, path: str | os.PathLike, config: DataStatesConfig | None = None, *, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        config: DataStatesConfig | Mapping[str, Any] | None = None,
+        *,
+        overwrite: bool = False,
+    ) -> None:
         super().__init__()
+        # Validate the config now: a wrong one would otherwise show only in write_data, after DCP
+        # planned and the checkpoint directory was created. pydantic's error names the field.
+        if isinstance(config, Mapping):
+            config = DataStatesConfig.model_validate(dict(config))
+        elif config is not None and not isinstance(config, DataStatesConfig):
+            raise TypeError(
+                f"DataStatesWriter(path, config): config must be a DataStatesConfig or a mapping of its fields, "
+                f"got {type(config).__name__} {config!r}; pass e.g. DataStatesConfig(io_engine='threads') or "
+                f"{{'io_engine': 'threads'}} (overwrite is keyword-only: DataStatesWriter(path, overwrite=True))"
+            )
         self.path = Path(path)
         self.config = config if config is not None else DataStatesConfig()
         self.overwrite = overwrite
@@ -213,7 +232,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         group = _save_group(call)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self.prepare_local_plan(SavePlan([]))  # fail now, in the caller, on a bad or occupied path
-        captured = capture_mutable(state_dict, budget_bytes=max(self.config.host_pool_bytes, CAPTURE_BUDGET_FLOOR))
+        budget = _capture_budget(self.config)
+        captured = capture_mutable(state_dict, budget_bytes=budget)
         self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
         prefix = f"__{rank}_{self.save_id[:8]}_"
 
@@ -223,13 +243,13 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             planned = plan_snapshot(planner, group, prefix)
             return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
-        snapshot = Snapshot(self.path, None, None, self.config, lambda state_bytes: self._pool(), plan=plan)
+        snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan)
         snapshot.start(begin_within=0.0 if captured.over_budget else _BEGIN_WITHIN_S)
         self._snapshot = snapshot
         staged: ThreadFuture[STATE_DICT_TYPE] = _StagingFuture(snapshot)
         if captured.over_budget:
             # More unguarded state than we may copy aside: stage synchronously (exact, pool-bounded).
-            _log_synchronous_once(captured.bytes_captured, self.config.host_pool_bytes)
+            _log_synchronous_once(captured.bytes_captured, budget)
             wait([snapshot.staged])
 
         def on_staged(f: ThreadFuture[None]) -> None:
@@ -320,13 +340,23 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             return Path(directory), shipped
         prefix: FilePrefix = plan.storage_data
         layout = plan_layout(planner, plan.items, prefix.prefix)
-        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, lambda state_bytes: self._pool())
+        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool)
         snapshot.run()
         return self.path, snapshot.done.result()
 
-    def _pool(self) -> HostBufferPool:
+    def _pool(self, state_bytes: int | None = None) -> HostBufferPool:
+        """The process-wide staging pool for a save of ``state_bytes`` tensor-file bytes (None: unknown).
+
+        With ``host_pool_bytes="auto"`` the first call sizes the pool to ``state_bytes`` (capped by
+        a share of host memory) and later ones grow it if the state grew; an explicit size is used
+        as given. Either way the pool fills on its own background thread, so this returns at once:
+        call it from the thread that will copy (its current CUDA device registers the buffers).
+        """
         pin = torch.cuda.is_available()
-        return HostBufferPool.shared(self.config.chunk_bytes, self.config.pool_buffers, pin)
+        if self.config.host_pool_bytes == "auto":
+            return HostBufferPool.auto(self.config.chunk_bytes, pin, state_bytes)
+        assert self.config.pool_buffers is not None
+        return HostBufferPool.shared(self.config.chunk_bytes, self.config.pool_buffers, pin, state_bytes)
 
     # -- StorageWriter: the commit step ------------------------------------------------------
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
@@ -334,6 +364,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         metadata.storage_data = storage_data
         metadata.storage_meta = self.storage_meta()
         metadata.version = "1.0.0"
+        # Fail closed: seal .metadata's own digest and each checksum side file's SHA-256 into it.
+        seal_metadata(metadata, self.path, expected_checksum_files(self.path, {i.relative_path for i in storage_data.values()}))
         commit_metadata(self.path, metadata, self.save_id[:8], fsync=self.config.fsync)
         referenced = {info.relative_path for info in storage_data.values()}
         remove_stale_files(self.path, keep=referenced | {checksum_file_name(_prefix_of(name)) for name in referenced})
@@ -367,6 +399,12 @@ class _StagingFuture(ThreadFuture):
 
 
 _logged_synchronous = False
+
+
+def _capture_budget(config: DataStatesConfig) -> int:
+    """Bytes ``stage()`` may copy aside: an explicit pool size, and at least ``CAPTURE_BUDGET_FLOOR``."""
+    pool_bytes = config.host_pool_bytes if isinstance(config.host_pool_bytes, int) else 0  # "auto": sized later
+    return max(pool_bytes, CAPTURE_BUDGET_FLOOR)
 
 
 def _log_synchronous_once(unguarded: int, budget: int) -> None:

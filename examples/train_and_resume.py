@@ -1,18 +1,22 @@
 """Train a small model, checkpoint asynchronously with DataStates every few steps, then resume.
 
-    python examples/train_and_resume.py --dir /tmp/dcp_datastates_example
+    python examples/train_and_resume.py                      # checkpoints go to a fresh temporary directory
+    python examples/train_and_resume.py --dir ./my_ckpts     # a new or empty directory of your choice
 
 Phase 1 trains for --steps steps and calls ``dcp.async_save(..., storage_writer=DataStatesWriter(path))``
 every --every steps; training continues while the checkpoint is written. Phase 2 builds a fresh
 model and optimizer, loads the latest complete checkpoint with ``DataStatesReader``, and checks that
 the restored state is exactly the one saved at that step and that its losses match the uninterrupted run.
+
+The example never deletes anything: ``--dir`` must be new or empty (a directory holding other
+files is refused), and the checkpoints it writes stay there for ``dcp-datastates inspect``.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -65,13 +69,41 @@ def train_step(ts: TrainState) -> float:
     return loss.item()
 
 
+def checkpoint_root(requested: Path | None) -> Path:
+    """The directory this run saves into: a fresh one of its own, or the user's if new or empty.
+
+    The example deletes nothing, so it cannot wipe a user's files; it refuses a directory that
+    already holds anything (another run's checkpoints included: saving step-N over them would be
+    refused, and resuming could pick up a newer step left by that run).
+    """
+    if requested is None:
+        return Path(tempfile.mkdtemp(prefix="dcp_datastates_example_"))
+    if requested.exists() and not requested.is_dir():
+        raise ValueError(f"--dir {str(requested)!r} is a file; pass a new or empty directory, or omit --dir")
+    if requested.is_dir():
+        held = sorted(p.name for p in requested.iterdir())
+        if held:
+            shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+            raise ValueError(
+                f"--dir {str(requested)!r} is not empty (it holds {shown}). The example never deletes files: "
+                "pass a new or empty directory, or omit --dir to use a fresh temporary one."
+            )
+    requested.mkdir(parents=True, exist_ok=True)
+    return requested
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dir", type=Path, default=Path("/tmp/dcp_datastates_example"))
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="new or empty directory for the checkpoints (default: a fresh temporary directory)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=4)
     args = parser.parse_args()
-    shutil.rmtree(args.dir, ignore_errors=True)
+    try:
+        args.dir = checkpoint_root(args.dir)
+    except ValueError as exc:
+        parser.error(str(exc))  # exit status 2, nothing touched
+    print(f"checkpoints go to {args.dir}")
     config = DataStatesConfig(chunk_bytes="1MiB", host_pool_bytes="8MiB")
 
     # Phase 1: train, checkpointing asynchronously. The guard makes optimizer.step() wait for the
@@ -106,7 +138,7 @@ def main() -> None:
         expected, got = losses[resumed.step], train_step(resumed)
         assert got == expected, f"step {resumed.step}: resumed loss {got} != uninterrupted {expected}"
         print(f"step {resumed.step:3d}  loss {got:.5f}  (resumed, identical to the uninterrupted run)")
-    print("OK")
+    print(f"OK (checkpoints kept in {args.dir}; try: dcp-datastates inspect {latest})")
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ snapshot's copies. After each commit, checkpoints beyond the latest --keep are d
 start, the run resumes from the newest *complete* checkpoint under --dir, if any -- also with a
 different number of ranks (the checkpoint is resharded on load). The data order depends only
 on the step, and each rank's RNG state is saved, so a resumed run continues the loss curve of
-an uninterrupted one exactly (same world size). Losses go to <dir>/losses.jsonl.
+an uninterrupted one exactly (same world size). Rank 0 prints one line per step (step, loss,
+checkpoints started, committed and resumed from); the losses also go to <dir>/losses.jsonl, one
+JSON object per line ({"step": 4, "loss": 4.01, "world": 2}).
 
---kill-at STEP makes rank 0 SIGKILL itself right after starting the save of that step, to show
-(and test) that a crash mid-save loses nothing.
+--kill-at STEP simulates a crash in the middle of the save of that step: right after the
+asynchronous save has started, rank 0 prints "simulated crash at step STEP" and every rank
+exits at once with status 17 (``os._exit``: no cleanup, no commit, like a job killed by its
+scheduler). Run the same command without --kill-at to resume from the newest complete
+checkpoint; the half-written one is never taken for complete.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import argparse
 import json
 import os
 import shutil
-import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -93,8 +98,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--every", type=int, default=3)
     parser.add_argument("--keep", type=int, default=2)
-    parser.add_argument("--kill-at", type=int, default=-1)
+    parser.add_argument("--kill-at", type=int, default=-1,
+                        help="simulate a crash of every rank in the middle of the save of this step (exit status 17)")
     args = parser.parse_args()
+    if args.every < 1 or args.keep < 1:
+        parser.error(f"--every and --keep must be at least 1, got --every {args.every} --keep {args.keep}")
+    if args.kill_at != -1 and (args.kill_at < 1 or args.kill_at % args.every):
+        parser.error(f"--kill-at {args.kill_at} would never fire: it must be a step that saves, a multiple of --every {args.every}")
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -118,6 +128,10 @@ def main() -> None:
         return {"model": model_sd, "optim": optim_sd, "scheduler": scheduler.state_dict(), "step": step,
                 f"rng_rank{rank}": torch.get_rng_state()}
 
+    def say(message: str) -> None:
+        if rank == 0:
+            print(message, flush=True)
+
     start = 0
     latest = latest_complete_checkpoint(checkpoints)
     if latest is not None:
@@ -130,10 +144,12 @@ def main() -> None:
         if f"rng_rank{rank}" in target:
             torch.set_rng_state(target[f"rng_rank{rank}"])
         start = target["step"]
-        if rank == 0:
-            print(f"resumed from {latest} at step {start} on {world} rank(s)", flush=True)
+        say(f"resumed from {latest} at step {start} on {world} {'rank' if world == 1 else 'ranks'}")
+    else:
+        say(f"no complete checkpoint under {checkpoints}: starting at step 0 on {world} {'rank' if world == 1 else 'ranks'}")
+    say(f"losses are appended to {args.dir / 'losses.jsonl'}")
 
-    pending = None
+    pending, pending_step = None, 0
     for step in range(start, args.steps):
         tokens = batch(step, rank, world)
         loss = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
@@ -147,19 +163,35 @@ def main() -> None:
             with open(args.dir / "losses.jsonl", "a") as f:
                 f.write(json.dumps({"step": step + 1, "loss": mean_loss.item() / world, "world": world}) + "\n")
         done = step + 1
+        line = f"step {done:4d}/{args.steps}  loss {mean_loss.item() / world:.4f}"
         if done % args.every == 0:
             if pending is not None:
                 pending.upload_completion.result()
                 _keep_latest(checkpoints, args.keep, rank)
+                say(f"           checkpoint step-{pending_step} committed")
             writer = DataStatesWriter(checkpoints / f"step-{done}", config)
-            pending = dcp.async_save(state(done), storage_writer=writer, process_group=checkpoint_group)
-            if done == args.kill_at and rank == 0:
-                os.kill(os.getpid(), signal.SIGKILL)  # crash in the middle of the save
+            pending, pending_step = dcp.async_save(state(done), storage_writer=writer, process_group=checkpoint_group), done
+            line += f"  checkpoint step-{done} started (async)"
+            if done == args.kill_at:
+                _simulated_crash(done, rank, line)
+        say(line)
     if pending is not None:
         pending.upload_completion.result()
         _keep_latest(checkpoints, args.keep, rank)
+        say(f"           checkpoint step-{pending_step} committed")
     dist.barrier()
     dist.destroy_process_group()
+    say(f"done: {args.steps} steps; complete checkpoints: {[p.name for p in list_complete_checkpoints(checkpoints)]}")
+
+
+def _simulated_crash(step: int, rank: int, line: str) -> None:
+    """Every rank dies here, mid-save: no Python cleanup, no commit, no collective left to fail."""
+    if rank == 0:
+        print(line, flush=True)
+        print(f"simulated crash at step {step} (--kill-at {step}): every rank exits now with status 17, in the middle "
+              f"of the step-{step} save; run the same command without --kill-at to resume", flush=True)
+    sys.stderr.flush()
+    os._exit(17)
 
 
 def _saved_keys(path: Path) -> set[str]:

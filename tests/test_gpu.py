@@ -2,6 +2,16 @@
 
 Marked ``gpu``: skipped without a CUDA device; on a GPU machine ``python -m pytest -m gpu`` runs
 them with the CUDA cases of the lazy-snapshot tests (CONTRIBUTING.md: ``.ci/gpu``).
+
+Timing asserts ("the call returned while the GPU was busy") hold only if nothing in the timed
+region launches a kernel for the first time: with CUDA's lazy module loading a first launch
+loads its module, and that waits until the device is idle -- behind the very ``_sleep`` the test
+queued. Every test therefore runs each kernel it will use once before queueing the wait
+(``warm_up``), and ``.ci/gpu`` also sets ``CUDA_MODULE_LOADING=EAGER``.
+
+Every GPU save also asserts its statistics: ``device_copies`` and ``copy_events`` > 0, so a
+test fails if the asynchronous device-copy path is not taken (the synchronous fallback writes
+the same bytes).
 """
 
 from __future__ import annotations
@@ -31,17 +41,40 @@ def busy_gpu(seconds: float) -> None:
     """Queue ``seconds`` of GPU work on the current stream (it returns at once)."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    torch.cuda._sleep(1_000_000)
+    torch.cuda._sleep(1_000_000)  # also loads _sleep's module before the long wait is queued
     end.record()
     end.synchronize()
     cycles_per_second = 1_000_000 / (start.elapsed_time(end) / 1000)
     torch.cuda._sleep(int(cycles_per_second * seconds))
 
 
+def warm_up(tmp_path, state: dict, config) -> None:
+    """Run every kernel a save of ``state`` launches (copies, packing, events) once, then wait.
+
+    A throwaway save of a same-shaped state with the same ``config`` (so through the same pool,
+    filled by then): the timed save that follows launches nothing for the first time, so lazy
+    module loading cannot make it wait for the queued work.
+    """
+    twin = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    dcp.save(twin, storage_writer=DataStatesWriter(tmp_path / "warm-up", config), no_dist=True)
+    for pool in [*HostBufferPool._shared.values(), *HostBufferPool._auto.values()]:
+        assert pool.wait_ready(120)  # no pinning (the driver's lock) runs in the background while timing
+    torch.cuda.synchronize()
+
+
+def assert_device_copy_path_taken(writer: DataStatesWriter) -> None:
+    """The save copied device tensors asynchronously: per-copy and per-buffer counts in its statistics."""
+    stats = writer.last_stats
+    assert stats is not None, "the save recorded no statistics"
+    assert stats.device_copies > 0, f"no asynchronous device copy was made: {stats}"
+    assert stats.copy_events > 0, f"no per-buffer copy event was recorded: {stats}"
+
+
 def test_gpu_state_round_trips_exactly_and_stock_reads_it(tmp_path, engine):
     state = to_device(sample_state(), "cuda")
     writer = DataStatesWriter(tmp_path / "c", small_config(engine))  # 8 KiB buffers: many device copies
     dcp.save(state, storage_writer=writer, no_dist=True)
+    assert_device_copy_path_taken(writer)
     ours = zeros_like_state(state)
     dcp.load(ours, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
     assert_state_equal(ours, state)
@@ -53,12 +86,41 @@ def test_gpu_state_round_trips_exactly_and_stock_reads_it(tmp_path, engine):
 
 def test_the_pool_is_pinned_so_device_copies_run_asynchronously():
     pool = HostBufferPool.shared(8192, 4, pin=True)
-    assert pool.pinned
-    buffer = pool.acquire()
+    assert pool.wait_ready(60) and pool.ready == 4
+    assert pool.pinned, pool.pin_error
+    buffers = [pool.acquire() for _ in range(4)]
     try:
-        assert buffer.tensor.is_pinned()
+        assert all(b.pinned and b.tensor.is_pinned() for b in buffers)
     finally:
-        pool.release(buffer)
+        for b in buffers:
+            pool.release(b)
+
+
+def test_pool_is_registered_by_its_filler_thread_in_the_callers_device_context(monkeypatch):
+    """cudaHostRegister runs on the pool's own thread, after it selected the caller's device."""
+    import threading
+
+    from dcp_datastates import buffer_pool
+
+    seen: list[tuple[str, int]] = []
+    real = torch.cuda.cudart()
+
+    class Recording:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def cudaHostRegister(self, address, length, flags):  # noqa: N802 - CUDA's name
+            seen.append((threading.current_thread().name, torch.cuda.current_device()))
+            return real.cudaHostRegister(address, length, flags)
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Recording())
+    monkeypatch.setattr(buffer_pool.HostBufferPool, "_shared", {})
+    device = torch.cuda.device_count() - 1  # the last GPU: not the default one where there are several
+    with torch.cuda.device(device):
+        torch.cuda.synchronize()
+        pool = buffer_pool.HostBufferPool.shared(1 << 20, 3, pin=True)
+    assert pool.wait_ready(60) and pool.pinned, pool.pin_error
+    assert seen == [("dcp-datastates-pool-fill", device)] * 3
 
 
 @pytest.mark.parametrize("side_stream", [False, True], ids=["default-stream", "training-on-a-side-stream"])
@@ -67,10 +129,12 @@ def test_async_save_does_not_wait_for_the_gpu_yet_captures_every_queued_update(t
     stream = torch.cuda.Stream() if side_stream else torch.cuda.current_stream()
     with torch.cuda.stream(stream):
         x = torch.zeros(4 * 1024**2, device="cuda")  # 16 MiB: several staging buffers
-        torch.cuda.synchronize()
+        x.add_(0)
+        config = small_config("auto", chunk_bytes="4MiB", host_pool_bytes="32MiB")
+        warm_up(tmp_path, {"x": x}, config)
         busy_gpu(1.0)
         x.add_(1)  # queued behind a second of GPU work: the checkpoint must hold it
-        writer = DataStatesWriter(tmp_path / "c", small_config("auto", chunk_bytes="4MiB", host_pool_bytes="32MiB"))
+        writer = DataStatesWriter(tmp_path / "c", config)
         start = time.perf_counter()
         response = dcp.async_save({"x": x}, storage_writer=writer, no_dist=True)
         returned = time.perf_counter() - start
@@ -80,6 +144,7 @@ def test_async_save_does_not_wait_for_the_gpu_yet_captures_every_queued_update(t
         response.staging_completion.result()
         x.add_(1)  # after staging: must not reach the checkpoint
     response.upload_completion.result()
+    assert_device_copy_path_taken(writer)
     out = {"x": torch.zeros_like(x)}
     dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
     assert torch.equal(out["x"], torch.ones_like(x))
@@ -94,14 +159,22 @@ def test_guard_lets_forward_and_backward_overlap_the_device_copies(tmp_path):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     install_optimizer_guard(optimizer)
     expected = {k: v.clone() for k, v in model.state_dict().items()}
+    # Warm up forward, backward and the optimizer step on a twin (the model itself must not change),
+    # and a save of the same state: nothing below launches a kernel for the first time.
+    twin = torch.nn.Linear(1024, 1024, device="cuda")
+    twin(torch.randn(64, 1024, device="cuda")).sum().backward()
+    torch.optim.SGD(twin.parameters(), lr=0.1).step()
+    config = small_config("auto", chunk_bytes="1MiB", host_pool_bytes="16MiB")
+    warm_up(tmp_path, model.state_dict(), config)
     busy_gpu(0.5)
-    writer = DataStatesWriter(tmp_path / "c", small_config("auto", chunk_bytes="1MiB", host_pool_bytes="16MiB"))
+    writer = DataStatesWriter(tmp_path / "c", config)
     response = dcp.async_save({"model": model.state_dict()}, storage_writer=writer, no_dist=True)
     model(torch.randn(64, 1024, device="cuda")).sum().backward()  # queued, not waited for
     assert not response.staging_completion.done()
     optimizer.step()  # the guard waits for the copies here
     assert response.staging_completion.done()
     response.upload_completion.result()
+    assert_device_copy_path_taken(writer)
     out = {"model": {k: torch.zeros_like(v) for k, v in expected.items()}}
     dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
     for name, value in expected.items():

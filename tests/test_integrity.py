@@ -36,6 +36,30 @@ def test_xxh64_odd_lengths_and_offsets(length):
     assert int(xxh64(data, 13, length, np.uint64(0))) == xxhash.xxh64_intdigest(data[13:].tobytes())
 
 
+@pytest.mark.parametrize("size, block", [(3 * 2**20 + 4093, 2**20), (2**20 + 7, 4096), (5 * 2**20 - 1, 65_537)])
+def test_block_checksums_match_reference_xxh64_over_several_mib(size, block):
+    """Many blocks and a ragged tail (the 5,000-byte property test cannot reach 1 MiB blocks)."""
+    data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
+    expected = [xxhash.xxh64_intdigest(data[i : i + block]) for i in range(0, size, block)]
+    assert len(expected) >= 4 and block_checksums(data, block) == expected
+
+
+def test_stored_checksums_of_mib_sized_odd_records_match_reference_xxh64(tmp_path, engine):
+    """Default 1 MiB checksum blocks over files of a few MiB with odd-sized records, both engines."""
+    state = {"odd": torch.randint(0, 256, (3 * 2**20 + 4093,), dtype=torch.uint8), "f": torch.randn(300_001), "step": 7}
+    config = small_config(engine, chunk_bytes="1MiB", host_pool_bytes="4MiB")
+    dcp.save(state, storage_writer=DataStatesWriter(tmp_path / "c", config), no_dist=True)
+    (side,) = list((tmp_path / "c").glob("__0_*_checksums.json"))
+    files = json.loads(side.read_text())["files"]
+    assert len(files) == 2  # the tensor file and the object file
+    for name, entry in files.items():
+        contents = (tmp_path / "c" / name).read_bytes()
+        block = entry["block_bytes"]
+        assert entry["size"] == len(contents) and (block == 2**20 or len(contents) < 2**20)
+        assert [int(b, 16) for b in entry["blocks"]] == [xxhash.xxh64_intdigest(contents[i : i + block]) for i in range(0, len(contents), block)]
+    assert len(files[data_file(tmp_path / "c").name]["blocks"]) >= 4
+
+
 def save(path, state, engine="io_uring"):
     dcp.save(state, storage_writer=DataStatesWriter(path, small_config(engine)), no_dist=True)
 
@@ -67,7 +91,8 @@ def test_checksums_are_stored_beside_the_data_and_stock_dcp_ignores_them(tmp_pat
     for name, entry in document["files"].items():
         contents = (tmp_path / "c" / name).read_bytes()
         assert entry["size"] == len(contents)
-        assert [int(b, 16) for b in entry["blocks"]] == block_checksums(contents, entry["block_bytes"])
+        reference = [xxhash.xxh64_intdigest(contents[i : i + entry["block_bytes"]]) for i in range(0, len(contents), entry["block_bytes"])]
+        assert [int(b, 16) for b in entry["blocks"]] == reference  # the reference package, not our kernel
     out = zeros_like_state(state)
     dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / "c"), no_dist=True)
     assert_state_equal(out, state)
@@ -94,7 +119,7 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_verify_ok_then_corrupt(tmp_path):
     save(tmp_path / "c", {"a": torch.randn(3000), "b": torch.randn(50), "step": 3})
     ok = run_cli("verify", str(tmp_path / "c"))
-    assert ok.returncode == 0 and ok.stdout.startswith("OK: 2 files"), ok.stdout + ok.stderr
+    assert ok.returncode == 0 and ok.stdout.startswith("VERIFIED: 2 files"), ok.stdout + ok.stderr
     offset = flip_byte_inside(tmp_path / "c", "a")
     bad = run_cli("verify", str(tmp_path / "c"), "--json")
     assert bad.returncode == 1
@@ -104,7 +129,7 @@ def test_cli_verify_ok_then_corrupt(tmp_path):
     assert problem["file"] == data_file(tmp_path / "c").name and problem["keys"] == ["a"]
     assert problem["offset"] <= offset < problem["offset"] + problem["length"]
     text = run_cli("verify", str(tmp_path / "c"), "--no-progress")
-    assert text.returncode == 1 and "CORRUPT" in text.stdout and "'a'" in text.stdout
+    assert text.returncode == 1 and "CORRUPT" in text.stdout and "'a'" in text.stdout and "DAMAGED (1 problem)" in text.stdout
 
 
 def test_cli_verify_reports_missing_files_and_unverified_stock_checkpoints(tmp_path):
@@ -114,7 +139,7 @@ def test_cli_verify_reports_missing_files_and_unverified_stock_checkpoints(tmp_p
     assert missing.returncode == 1 and "file is missing" in missing.stdout
     dcp.save({"a": torch.randn(100)}, storage_writer=dcp.FileSystemWriter(tmp_path / "stock"), no_dist=True)
     stock = run_cli("verify", str(tmp_path / "stock"), "--no-progress")
-    assert stock.returncode == 0 and "unverified" in stock.stdout
+    assert stock.returncode == 3 and "UNVERIFIED (saved without checksums)" in stock.stdout, stock.stdout
     not_ckpt = run_cli("verify", str(tmp_path))
     assert not_ckpt.returncode == 2 and "not a complete checkpoint" in not_ckpt.stderr
 
@@ -125,7 +150,7 @@ def test_cli_inspect_table_and_json(tmp_path, capsys):
     assert cli_main(["inspect", str(tmp_path / "c")]) == 0
     table = capsys.readouterr().out
     assert "model.w" in table and "float64" in table and "4x6" in table and "192 B" in table
-    assert "total: 3 keys (2 tensors, 1 objects)" in table
+    assert "total: 3 keys (2 tensors, 1 object), 204 B of tensors, 2 data files, 1 rank\n" in table
     assert cli_main(["inspect", str(tmp_path / "c"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     by_key = {e["key"]: e for e in info["entries"]}
@@ -182,11 +207,36 @@ def test_malicious_metadata_pickle_is_refused(tmp_path):
     assert bad.returncode == 2 and "not a DCP metadata type" in bad.stderr and not marker.exists()
 
 
+SHARDED_SAVE = """
+import sys, warnings, torch, torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed._shard.sharded_tensor import Shard, ShardMetadata, init_from_local_shards
+warnings.filterwarnings("ignore")
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+full = torch.arange(24.0).reshape(6, 4)
+shards = [Shard(full[0:2].clone(), ShardMetadata([0, 0], [2, 4], "rank:0/cpu")),
+          Shard(full[2:6].clone(), ShardMetadata([2, 0], [4, 4], "rank:0/cpu"))]
+dcp.save({"w": init_from_local_shards(shards, [6, 4]), "step": 3}, storage_writer=dcp.FileSystemWriter(sys.argv[1]))
+dist.destroy_process_group()
+"""
+
+
 def test_metadata_of_stock_and_sharded_checkpoints_loads_under_the_allowlist(tmp_path):
     dcp.save(sample_state(), storage_writer=dcp.FileSystemWriter(tmp_path / "stock"), no_dist=True)
     metadata = DataStatesReader(tmp_path / "stock").read_metadata()
     with open(tmp_path / "stock" / ".metadata", "rb") as f:
         assert pickle.load(f).state_dict_metadata.keys() == metadata.state_dict_metadata.keys()
+    # A stock checkpoint of a tensor stored as two shards (a ShardedTensor, gloo, one process).
+    done = subprocess.run([sys.executable, "-c", SHARDED_SAVE, str(tmp_path / "sharded")], capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    sharded = DataStatesReader(tmp_path / "sharded").read_metadata()  # the allowlist, not pickle.load
+    with open(tmp_path / "sharded" / ".metadata", "rb") as f:
+        plain = pickle.load(f)  # paths come back as str under the allowlist; everything else is equal
+    assert plain.state_dict_metadata == sharded.state_dict_metadata and plain.storage_data == sharded.storage_data
+    assert [list(c.offsets) for c in sharded.state_dict_metadata["w"].chunks] == [[0, 0], [2, 0]]
+    out = {"w": torch.zeros(6, 4), "step": 0}
+    dcp.load(out, storage_reader=DataStatesReader(tmp_path / "sharded"), no_dist=True)  # two shards into one tensor
+    assert torch.equal(out["w"], torch.arange(24.0).reshape(6, 4)) and out["step"] == 3
 
 
 def test_cli_bench_json_runs_every_method_side_by_side(tmp_path):
@@ -196,5 +246,12 @@ def test_cli_bench_json_runs_every_method_side_by_side(tmp_path):
     methods = [row["method"] for row in report["save"]["rows"]]
     assert methods[0].startswith("raw O_DIRECT") and "stock FileSystemWriter (8 threads)" in methods
     assert "DataStatesWriter io_uring" in methods and "DataStatesWriter threads" in methods
-    assert all(row["median_gib_per_s"] > 0 for row in report["save"]["rows"] + report["verify"]["rows"])
+    from dcp_datastates.bench import make_state, state_bytes
+
+    saved = state_bytes(make_state(int(0.07 * 2**30), "cpu"))
+    assert report["save"]["bytes"] == saved and saved <= report["verify"]["bytes"] < saved + 2**20  # what was measured
+    for part in ("save", "verify"):
+        for row in report[part]["rows"]:
+            assert len(row["seconds"]) == 1 and row["median_seconds"] == row["seconds"][0] > 0
+            assert row["median_gib_per_s"] == pytest.approx(report[part]["bytes"] / row["median_seconds"] / 2**30)
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
@@ -16,6 +18,8 @@ from conftest import small_config
 from dcp_datastates import DataStatesReader, DataStatesWriter, install_optimizer_guard
 from dcp_datastates import chunk_stream
 from dcp_datastates.native import pwrite_engine
+from dcp_datastates.native.pwrite_engine import ThreadPoolWriteEngine
+from dcp_datastates.native.uring_engine import IoUringWriteEngine
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
@@ -48,12 +52,78 @@ def slow_disk(monkeypatch):
     monkeypatch.setattr(pwrite_engine, "write_fully", slow)
 
 
+#: How long a held side waits for its counterpart before the test fails (never a hang).
+HOLD_S = 20.0
+#: How long a step that reached the optimizer gets to run past the guard while the copies are held.
+STEP_CHANCE_S = 1.5
+
+
+class HeldCopies:
+    """Holds the snapshot's first tensor copy until the training step has had its chance to run.
+
+    The test's training loop calls ``optimizer.step`` while the copies are held. A working
+    guard blocks that step before it writes a parameter, so the hold ends after ``STEP_CHANCE_S``;
+    a guard that lets the step through reaches ``after_guards`` while the copies are still held,
+    which is recorded -- deterministically, whatever the state's size or the machine's speed.
+    """
+
+    def __init__(self) -> None:
+        self.step_entered = threading.Event()  # optimizer.step() was called
+        self.step_passed_guards = threading.Event()  # ... and is about to update parameters
+        self.released = threading.Event()
+        self.held = False
+        self.steps_past_guards_while_held = 0
+
+    def hold(self) -> None:
+        """Run on the snapshot's side in place of its first tensor copy."""
+        if self.held:
+            return
+        self.held = True
+        try:
+            assert self.step_entered.wait(HOLD_S), "the training loop never called optimizer.step()"
+            self.step_passed_guards.wait(STEP_CHANCE_S)
+        finally:
+            self.released.set()
+
+    def after_guards(self, optimizer, args, kwargs) -> None:
+        """An optimizer pre-step hook registered after the guard: runs right before the update."""
+        if not self.released.is_set():
+            self.steps_past_guards_while_held += 1
+        self.step_passed_guards.set()
+
+    def watch(self, optimizer: torch.optim.Optimizer) -> None:
+        step = optimizer.step
+
+        def entered(*args, **kwargs):  # before every hook, global or not
+            self.step_entered.set()
+            return step(*args, **kwargs)
+
+        optimizer.step = entered
+        optimizer.register_step_pre_hook(self.after_guards)
+
+
+@pytest.fixture
+def held_copies(monkeypatch) -> HeldCopies:
+    """The first tensor a save resolves (before copying it) waits on a ``HeldCopies``."""
+    held = HeldCopies()
+    real = DefaultSavePlanner.resolve_data
+
+    def resolve_data(self, write_item):
+        if write_item.type.name != "BYTE_IO":
+            held.hold()
+        return real(self, write_item)
+
+    monkeypatch.setattr(DefaultSavePlanner, "resolve_data", resolve_data)
+    return held
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_checkpoint_holds_exactly_the_saved_step_while_training_continues(tmp_path, device, slow_disk):
+def test_checkpoint_holds_exactly_the_saved_step_while_training_continues(tmp_path, device, held_copies):
     model, optimizer = make_training(device)
     guard = install_optimizer_guard(optimizer)
     for step in range(3):
         train_step(model, optimizer, step, device)
+    held_copies.watch(optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     expected = copy.deepcopy({"model": model_sd, "optim": optim_sd})
     writer = DataStatesWriter(tmp_path / "c", small_config("threads", chunk_bytes=4096, host_pool_bytes=64 * 4096))
@@ -61,8 +131,10 @@ def test_checkpoint_holds_exactly_the_saved_step_while_training_continues(tmp_pa
     assert isinstance(response, AsyncSaveResponse)
     for step in range(3, 8):  # forward, backward and optimizer steps mutate the live state
         train_step(model, optimizer, step, device)
+    assert held_copies.held and held_copies.released.is_set()  # the step really raced the held copies
+    assert held_copies.steps_past_guards_while_held == 0, "an optimizer step ran while the snapshot was still copying"
     assert response.staging_completion.done()  # the guard waited for it before the first step
-    response.upload_completion.result()
+    response.upload_completion.result(timeout=60)
     guard.remove()
     assert not torch.equal(next(model.parameters()).cpu(), expected["model"]["0.weight"].cpu())  # training moved on
 
@@ -78,21 +150,53 @@ def test_checkpoint_holds_exactly_the_saved_step_while_training_continues(tmp_pa
     assert target["step"] == 3
 
 
-def test_staging_completes_before_upload_when_the_pool_holds_the_state(tmp_path, slow_disk):
+@pytest.fixture
+def held_disk(monkeypatch):
+    """Every write of either engine waits at submission until the test opens the gate.
+
+    Yields ``(gate, completed)``: ``completed`` counts writes the engine reported done.
+    The gate opens on teardown too, so a failing test leaves no thread behind.
+    """
+    gate = threading.Event()
+    completed = []
+
+    def held(real):
+        def submit(self, request):
+            if not gate.wait(HOLD_S):
+                raise RuntimeError("the test never opened the disk gate")
+            on_done = request.on_done
+
+            def counted(error):
+                completed.append(error)
+                on_done(error)
+
+            return real(self, dataclasses.replace(request, on_done=counted))
+
+        return submit
+
+    for cls in (ThreadPoolWriteEngine, IoUringWriteEngine):
+        monkeypatch.setattr(cls, "submit", held(cls.submit))
+    yield gate, completed
+    gate.set()
+
+
+def test_staging_completes_before_upload_when_the_pool_holds_the_state(tmp_path, engine, held_disk):
+    gate, completed = held_disk
     state = {f"w{i}": torch.randn(4096) for i in range(16)}  # 256 KiB, pool 1 MiB
-    writer = DataStatesWriter(tmp_path / "c", small_config("threads", chunk_bytes=16384, host_pool_bytes=64 * 16384))
-    start = time.perf_counter()
+    expected = {k: v.clone() for k, v in state.items()}
+    writer = DataStatesWriter(tmp_path / "c", small_config(engine, chunk_bytes=16384, host_pool_bytes=64 * 16384))
     response = dcp.async_save(state, storage_writer=writer, no_dist=True)
-    returned = time.perf_counter() - start
-    response.staging_completion.result()
-    staged_at = time.perf_counter() - start
-    assert not response.upload_completion.done()  # bytes copied out, disk still busy
-    response.upload_completion.result()
-    uploaded_at = time.perf_counter() - start
-    assert staged_at < uploaded_at and returned < uploaded_at
+    # Not a single write can have finished: staging must not wait for the disk.
+    response.staging_completion.result(timeout=HOLD_S)
+    assert completed == [] and not response.upload_completion.done()  # bytes copied out, disk held
+    for value in state.values():
+        value.fill_(-1.0)  # training overwrites the live state: the checkpoint must not see it
+    gate.set()
+    response.upload_completion.result(timeout=60)
+    assert len(completed) >= 16 and all(error is None for error in completed)
     out = {k: torch.zeros(4096) for k in state}
     dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
-    assert all(torch.equal(out[k], v) for k, v in state.items())
+    assert all(torch.equal(out[k], v) for k, v in expected.items())  # the state as it was when saved
 
 
 def test_staging_waits_for_the_copies_alone_not_for_checksums_or_the_disk(tmp_path, monkeypatch):

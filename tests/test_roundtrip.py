@@ -104,11 +104,26 @@ def test_pool_is_allocated_once_and_reused_across_saves(tmp_path, engine):
     config = small_config(engine, chunk_bytes=3 * 4096, host_pool_bytes=5 * 3 * 4096)
     state = {"x": torch.randn(50_000)}  # 200 KB: ~16x the 60 KB pool, so it must stream
     before = HostBufferPool.allocations
-    for i in range(3):
-        dcp.save(state, storage_writer=DataStatesWriter(tmp_path / f"c{i}", config), no_dist=True)
-    assert HostBufferPool.allocations - before <= 1
     pool = HostBufferPool.shared(config.chunk_bytes, config.pool_buffers, torch.cuda.is_available())
-    assert pool.peak_in_use <= pool.count
+    acquired: list[int] = []  # which of the pool's buffers each chunk of the three saves went through
+    real_acquire = pool.acquire
+
+    def counting_acquire():
+        buffer = real_acquire()
+        acquired.append(buffer.index)
+        return buffer
+
+    pool.acquire = counting_acquire
+    try:
+        for i in range(3):
+            writer = DataStatesWriter(tmp_path / f"c{i}", config)
+            dcp.save(state, storage_writer=writer, no_dist=True)
+    finally:
+        del pool.acquire
+    assert HostBufferPool.allocations - before <= 1
+    # ~50 chunks of 12 KiB went through the same 5 buffers, and every one came back.
+    assert len(acquired) == 3 * writer.last_stats.tensor_writes > 3 * pool.count
+    assert set(acquired) <= set(range(pool.count)) and pool.in_use == 0
     out = {"x": torch.zeros(50_000)}
     dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c2"), no_dist=True)
     assert torch.equal(out["x"], state["x"])

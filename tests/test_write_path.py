@@ -6,13 +6,15 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
+from collections import OrderedDict
 
 import torch
 import torch.distributed.checkpoint as dcp
 
 from conftest import small_config
 from dcp_datastates import DataStatesReader, DataStatesSavePlanner, DataStatesWriter
+from dcp_datastates.native.pwrite_engine import ThreadPoolWriteEngine
+from dcp_datastates.native.uring_engine import IoUringWriteEngine
 
 
 def test_peak_host_memory_stays_within_pool_plus_margin(tmp_path, engine):
@@ -47,28 +49,71 @@ def test_peak_host_memory_stays_within_pool_plus_margin(tmp_path, engine):
     assert growth_mib <= 32, f"RSS grew by {growth_mib} MiB during a 256 MiB save with a 32 MiB pool"
 
 
-class RecordingPlanner(DataStatesSavePlanner):
+#: How long one side of a forced interleaving waits for the other before the test fails (no hang).
+RENDEZVOUS_S = 15.0
+
+
+class PickledWhileTensorsStream:
+    """An object whose pickling can only finish once a tensor write has been submitted.
+
+    ``__reduce__`` announces that pickling began, then waits for the first tensor write to
+    reach the engine; the engine, in turn, holds that first write until pickling began. So a
+    save that pickles objects strictly before its tensors (nothing was submitted yet) or strictly
+    after them (nobody pickles while the write waits) fails after ``RENDEZVOUS_S`` -- only a save
+    that runs both at once gets through.
+    """
+
+    def __init__(self, pickling_began: threading.Event, tensor_write_submitted: threading.Event) -> None:
+        self.pickling_began = pickling_began
+        self.tensor_write_submitted = tensor_write_submitted
+        self.pickled_on: list[str] = []
+
+    def __reduce__(self):
+        self.pickled_on.append(threading.current_thread().name)
+        self.pickling_began.set()
+        if not self.tensor_write_submitted.wait(RENDEZVOUS_S):
+            raise RuntimeError("objects were pickled while no tensor write was submitted: they did not overlap")
+        return (OrderedDict, ([("lr", 0.1), ("betas", (0.9, 0.95))],))  # loads under weights_only
+
+
+class TensorThreadPlanner(DataStatesSavePlanner):
+    """Notes the threads that resolve tensors (copy them out of the live state)."""
+
     def __init__(self) -> None:
         super().__init__()
-        self.events: list[tuple[str, str, float]] = []
+        self.tensor_threads: set[str] = set()
 
     def resolve_data(self, write_item):
-        self.events.append((write_item.type.name, threading.current_thread().name, time.perf_counter()))
-        if write_item.type.name == "BYTE_IO":
-            time.sleep(0.05)  # a slow pickle must not hold up the tensor stream
+        if write_item.type.name != "BYTE_IO":
+            self.tensor_threads.add(threading.current_thread().name)
         return super().resolve_data(write_item)
 
 
-def test_objects_are_pickled_on_their_own_thread_while_tensors_stream(tmp_path, engine):
-    state = {f"w{i}": torch.randn(20_000) for i in range(40)} | {"step": 5, "cfg": {"lr": 0.1}}
-    planner = RecordingPlanner()
+def test_objects_are_pickled_on_their_own_thread_while_tensors_stream(tmp_path, engine, monkeypatch):
+    pickling_began, tensor_write_submitted = threading.Event(), threading.Event()
+    submitted_to: list[str] = []
+
+    def hold_first_tensor_write(real):
+        def submit(self, request):
+            if request.path.endswith("_0.distcp"):  # the tensor file (objects go to ``_1``)
+                submitted_to.append(request.path)
+                tensor_write_submitted.set()
+                if not pickling_began.wait(RENDEZVOUS_S):
+                    raise RuntimeError("a tensor write was submitted but nothing pickled meanwhile: no overlap")
+            return real(self, request)
+
+        return submit
+
+    for cls in (ThreadPoolWriteEngine, IoUringWriteEngine):
+        monkeypatch.setattr(cls, "submit", hold_first_tensor_write(cls.submit))
+    blocker = PickledWhileTensorsStream(pickling_began, tensor_write_submitted)
+    state = {f"w{i}": torch.randn(20_000) for i in range(40)} | {"step": 5, "optim_cfg": blocker}
+    planner = TensorThreadPlanner()
     dcp.save(state, storage_writer=DataStatesWriter(tmp_path / "c", small_config(engine)), planner=planner, no_dist=True)
-    objects = [e for e in planner.events if e[0] == "BYTE_IO"]
-    tensors = [e for e in planner.events if e[0] != "BYTE_IO"]
-    assert objects and all(name.startswith("dcp-datastates-objects") for _, name, _ in objects)
-    assert all(not name.startswith("dcp-datastates-objects") for _, name, _ in tensors)
-    assert min(t for *_, t in objects) < max(t for *_, t in tensors)  # overlapped, not after
-    out = {f"w{i}": torch.zeros(20_000) for i in range(40)} | {"step": 0, "cfg": {"lr": 0.0}}
+    assert submitted_to and blocker.pickled_on  # both sides of the rendezvous really ran
+    assert len(blocker.pickled_on) == 1 and not set(blocker.pickled_on) & planner.tensor_threads  # a thread of its own
+    monkeypatch.undo()
+    out = {f"w{i}": torch.zeros(20_000) for i in range(40)} | {"step": 0, "optim_cfg": None}
     dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
-    assert out["step"] == 5 and out["cfg"] == {"lr": 0.1}
+    assert out["step"] == 5 and out["optim_cfg"] == OrderedDict([("lr", 0.1), ("betas", (0.9, 0.95))])
     assert all(torch.equal(out[f"w{i}"], state[f"w{i}"]) for i in range(40))

@@ -47,8 +47,9 @@ class DataStatesCheckpointManager(CheckpointManager):
     class Config(CheckpointManager.Config):
         storage_backend: Literal["datastates", "filesystem"] = "datastates"
         """Where checkpoint bytes go: DataStates (lazy snapshots, io_uring) or stock DCP files."""
-        datastates_host_pool_bytes: str = "1GiB"
-        """Host staging pool of the DataStates writer (pinned with CUDA), reused by every save."""
+        datastates_host_pool_bytes: str = "auto"
+        """Host staging pool of the DataStates writer (pinned with CUDA), reused by every save: "auto"
+        sizes it to this rank's checkpoint (capped by host memory), or give a size such as "4GiB"."""
         datastates_chunk_bytes: str = "32MiB"
         """Staging buffer (and write) size of the DataStates writer."""
         datastates_io_engine: Literal["auto", "io_uring", "threads"] = "auto"

@@ -66,11 +66,12 @@ def main() -> None:
     os.environ.setdefault("MASTER_PORT", str(29700 + os.getpid() % 200))
     dist.init_process_group("gloo", rank=0, world_size=1)
     model, optimizers, schedulers, manager = build(folder, async_mode, seed=0)
-    snapshots, losses = {}, {}
+    snapshots, optim_snapshots, losses = {}, {}, {}
     for i in range(1, 7):
         losses[i] = step(model, optimizers, schedulers, manager, i)
         if i % 2 == 0:
             snapshots[i] = copy.deepcopy(model.state_dict())
+            optim_snapshots[i] = copy.deepcopy(optimizers.optimizers[0].state_dict())
         manager.save(curr_step=i)
     manager.maybe_wait_for_saving() if hasattr(manager, "maybe_wait_for_saving") else None
     expected_next = step(model, optimizers, schedulers, manager, 7)
@@ -85,6 +86,12 @@ def main() -> None:
     assert manager2.load(step=-1)
     for name, value in snapshots[6].items():
         assert torch.equal(model2.state_dict()[name], value), name
+    saved_optim, got_optim = optim_snapshots[6], optimizers2.optimizers[0].state_dict()
+    assert saved_optim["state"] and sorted(got_optim["state"]) == sorted(saved_optim["state"]), got_optim["state"].keys()
+    for pid, entry in saved_optim["state"].items():
+        for name, value in entry.items():
+            assert torch.equal(got_optim["state"][pid][name], value), (pid, name)
+    assert got_optim["param_groups"] == saved_optim["param_groups"]
     resumed_next = step(model2, optimizers2, schedulers2, manager2, 7)
     assert resumed_next == expected_next, (resumed_next, expected_next)
     manager2.close()

@@ -1,0 +1,534 @@
+"""Read plan, first step: trust nothing a checkpoint's ``.metadata`` says until it is checked.
+
+A checkpoint directory is input that anyone with write access can change. Before any
+planner or reader acts on a ``.metadata``, this module
+
+- reads it fully and unpickles it from memory through ``safe_pickle`` (exact allowlist,
+  opcode scan), so a length field cannot drive an allocation and no name resolves to code;
+- checks its whole structure once, linearly: exact DCP types, every record's
+  ``relative_path`` a plain file name of this directory (never ``..``, ``/`` or an
+  absolute path), offsets and lengths non-negative and bounded, every tensor chunk and
+  object backed by a record large enough to hold it (so a tensor's size can never claim
+  more memory than its files hold), and -- unless the checkpoint is trusted -- plain data
+  only in ``planner_data`` and anything else stored there;
+- fails closed on integrity: a checkpoint saved by ``DataStatesWriter`` carries
+  :data:`INTEGRITY_ATTR` on its ``Metadata`` (a plain dict stock DCP ignores) with the
+  SHA-256 of its own content and of every checksum side file. Deleting or editing a side
+  file, or flipping a bit of ``.metadata``, is then an error naming the file -- never a
+  silent, unverified load.
+
+Every failure is one of our typed errors naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import stat
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from dcp_datastates.checksums import (
+    MAX_CHECKSUM_FILE_BYTES,
+    FileChecksums,
+    checksum_file_name,
+    parse_checksum_file,
+    plain_file_name_problem,
+    read_regular_file,
+    sha256_hex,
+)
+from dcp_datastates.errors import (
+    CheckpointIOError,
+    CheckpointPathError,
+    ChecksumMismatchError,
+    CorruptCheckpointError,
+    DataStatesError,
+    IncompleteCheckpointError,
+)
+from dcp_datastates.safe_pickle import load_metadata_bytes
+
+METADATA_FILE = ".metadata"
+#: Attribute of ``Metadata`` holding what ``DataStatesWriter`` sealed at commit (plain dict).
+INTEGRITY_ATTR = "dcp_datastates_integrity"
+INTEGRITY_FORMAT = 1
+#: Largest offset, length or tensor size in bytes a record may claim (64 PiB).
+MAX_BYTES = 1 << 56
+MAX_DIMS = 64
+#: Largest ``.metadata`` read into memory.
+MAX_METADATA_BYTES = 8 << 30
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+#: Our data files: ``__<rank>_<save tag>_<n>.distcp``; the side file is ``__<rank>_<save tag>_checksums.json``.
+_OUR_DATA_FILE = re.compile(r"^(__\d+_[0-9a-f]+_)\d+\.distcp$")
+
+
+# -- reading -------------------------------------------------------------------------------------
+def read_checkpoint_metadata(directory: str | os.PathLike, *, trust: bool) -> Metadata:
+    """``directory``'s ``.metadata``, unpickled safely and checked (see the module docstring)."""
+    directory = Path(directory)
+    if not directory.exists():
+        raise CheckpointPathError(f"checkpoint path {str(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise CheckpointPathError(f"checkpoint path {str(directory)!r} is a file; DCP checkpoints are directories")
+    path = directory / METADATA_FILE
+    try:
+        data = read_regular_file(path, MAX_METADATA_BYTES, "metadata file")
+    except FileNotFoundError:
+        raise IncompleteCheckpointError(
+            f"{str(directory)!r} is not a complete checkpoint: it has no {METADATA_FILE} file. A save into it "
+            "failed or is still running, or this is not a checkpoint directory; load an earlier checkpoint."
+        ) from None
+    except PermissionError as exc:
+        raise CheckpointPathError(f"cannot read {path}: permission denied") from exc
+    if not data:
+        raise CorruptCheckpointError(f"{path} is empty (0 bytes); the checkpoint is damaged. Load another checkpoint.")
+    metadata = load_metadata_bytes(data, str(path), trust)
+    validate_metadata(metadata, str(path), trust=trust, budget=8 * len(data) + 100_000)
+    return metadata
+
+
+# -- structure -----------------------------------------------------------------------------------
+_FIELDS = {
+    Metadata: {"state_dict_metadata", "planner_data", "storage_data", "storage_meta", "version"},
+    TensorStorageMetadata: {"properties", "size", "chunks"},
+    TensorProperties: {"dtype", "layout", "requires_grad", "memory_format", "pin_memory"},
+    ChunkStorageMetadata: {"offsets", "sizes"},
+    BytesStorageMetadata: set(),
+    StorageMeta: {"checkpoint_id", "save_id", "load_id", "modules"},
+    MetadataIndex: {"fqn", "offset", "index"},
+    _StorageInfo: {"relative_path", "offset", "length", "transform_descriptors"},
+}
+_REQUIRED = {
+    Metadata: {"state_dict_metadata"},
+    TensorStorageMetadata: {"properties", "size", "chunks"},
+    ChunkStorageMetadata: {"offsets", "sizes"},
+    MetadataIndex: {"fqn"},
+    _StorageInfo: {"relative_path", "offset", "length"},
+}
+_PLAIN_LEAVES = (str, int, float, bool, bytes, type(None))
+_PLAIN_CONTAINERS = (tuple, list, dict, set, frozenset)
+
+
+class _Checker:
+    def __init__(self, source: str, trust: bool, budget: int) -> None:
+        self.source = source
+        self.trust = trust
+        self.budget = budget
+
+    def fail(self, what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{self.source} is damaged or not a DCP metadata file: {what}. Restore it or load another checkpoint."
+        )
+
+    def spend(self, n: int = 1) -> None:
+        self.budget -= n
+        if self.budget < 0:
+            raise self.fail("it describes more objects than its size allows")
+
+    def fields(self, obj: object, where: str) -> dict[str, Any]:
+        kind = type(obj)
+        if kind not in _FIELDS:
+            raise self.fail(f"{where} is a {kind.__name__}, not a DCP metadata type")
+        try:
+            state = object.__getattribute__(obj, "__dict__")
+        except AttributeError:
+            raise self.fail(f"{where} has no fields") from None
+        if type(state) is not dict:
+            raise self.fail(f"{where} has malformed fields")
+        for name in state:
+            if type(name) is not str:
+                raise self.fail(f"{where} has a field named by a {type(name).__name__}")
+        missing = _REQUIRED.get(kind, set()) - state.keys()
+        if missing:
+            raise self.fail(f"{where} lacks {sorted(missing)}")
+        extra = state.keys() - _FIELDS[kind] - ({INTEGRITY_ATTR} if kind is Metadata else set())
+        if extra and (kind is not Metadata or not self.trust):
+            if kind is Metadata:
+                for name in extra:
+                    self.plain(state[name], f"{where}.{name}")
+            else:
+                raise self.fail(f"{where} has unknown fields {sorted(extra)[:5]}")
+        return {name: state.get(name, getattr(kind, name, None)) for name in _FIELDS[kind]}
+
+    def integer(self, value: object, where: str, low: int = 0, high: int = MAX_BYTES) -> int:
+        if type(value) is not int or not low <= value <= high:
+            raise self.fail(f"{where} is {value!r}, not an integer in [{low}, {high}]")
+        return value
+
+    def size(self, value: object, where: str) -> tuple[int, ...]:
+        if type(value) is not torch.Size:
+            raise self.fail(f"{where} is a {type(value).__name__}, not a torch.Size")
+        if len(value) > MAX_DIMS:
+            raise self.fail(f"{where} has {len(value)} dimensions")
+        self.spend(len(value))
+        return tuple(self.integer(v, where) for v in value)
+
+    def plain(self, value: object, where: str) -> None:
+        """Only data: strings, numbers, None, bytes and containers of them (walked without recursion)."""
+        if self.trust:
+            return
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            self.spend()
+            if type(item) in _PLAIN_LEAVES:
+                continue
+            if type(item) in _PLAIN_CONTAINERS:
+                if type(item) is dict:
+                    stack.extend(item.keys())
+                    stack.extend(item.values())
+                else:
+                    stack.extend(item)
+                continue
+            raise self.fail(f"{where} holds a {type(item).__name__}; only plain data is allowed there")
+
+
+def validate_metadata(metadata: object, source: str, *, trust: bool = False, budget: int = 1 << 40) -> None:
+    """Check the whole structure of an unpickled ``.metadata`` once (linear in its size).
+
+    Raises :class:`CorruptCheckpointError` (or :class:`IncompleteCheckpointError` for a
+    ``Metadata`` without file-system ``storage_data``) naming ``source`` and the problem.
+    """
+    c = _Checker(source, trust, budget)
+    if type(metadata) is not Metadata:
+        raise c.fail(f"it holds a {type(metadata).__name__}, not DCP Metadata")
+    top = c.fields(metadata, "Metadata")
+    sdm, storage = top["state_dict_metadata"], top["storage_data"]
+    if type(sdm) is not dict:
+        raise c.fail(f"state_dict_metadata is a {type(sdm).__name__}, not a dict")
+    if storage is None:
+        raise IncompleteCheckpointError(f"{source} has no storage_data: not a file-system checkpoint")
+    if type(storage) is not dict:
+        raise c.fail(f"storage_data is a {type(storage).__name__}, not a dict")
+
+    # storage records: where every byte lives
+    for index, info in storage.items():
+        c.spend()
+        idx = c.fields(index, "a storage_data key")
+        fqn = idx["fqn"]
+        if type(fqn) is not str:
+            raise c.fail(f"a storage_data key names a {type(fqn).__name__}, not a state-dict key")
+        if idx["offset"] is not None:
+            c.size(idx["offset"], f"the offset of {fqn!r}'s record")
+        if idx["index"] is not None:
+            c.integer(idx["index"], f"the index hint of {fqn!r}'s record")
+        where = f"{fqn!r}'s record"
+        rec = c.fields(info, where)
+        problem = plain_file_name_problem(rec["relative_path"])
+        if problem:
+            raise c.fail(f"{where} names data file {rec['relative_path']!r}, which {problem}")
+        c.integer(rec["offset"], f"{where} offset")
+        c.integer(rec["length"], f"{where} length")
+        c.integer(rec["offset"] + rec["length"], f"{where} end")
+        if rec["transform_descriptors"]:
+            raise CorruptCheckpointError(
+                f"{source}: {where} uses storage transforms {list(rec['transform_descriptors'])[:3]!r}, which "
+                "DataStatesReader does not apply; load this checkpoint with torch's FileSystemReader"
+            )
+
+    # state dict entries: every chunk backed by a record that can hold it
+    for fqn, md in sdm.items():
+        c.spend()
+        if type(fqn) is not str:
+            raise c.fail(f"state_dict_metadata has a {type(fqn).__name__} key")
+        if type(md) is BytesStorageMetadata:
+            c.fields(md, repr(fqn))
+            if MetadataIndex(fqn) not in storage:
+                raise c.fail(f"object {fqn!r} has no storage record")
+            continue
+        if type(md) is not TensorStorageMetadata:
+            raise c.fail(f"entry {fqn!r} is a {type(md).__name__}, not tensor or object metadata")
+        tensor = c.fields(md, repr(fqn))
+        props = c.fields(tensor["properties"], f"{fqn!r} properties")
+        checks = (("dtype", torch.dtype), ("layout", torch.layout), ("memory_format", torch.memory_format))
+        for name, kind in checks:
+            if type(props[name]) is not kind:
+                raise c.fail(f"{fqn!r} has a {name} of type {type(props[name]).__name__}")
+        for name in ("requires_grad", "pin_memory"):
+            if type(props[name]) is not bool:
+                raise c.fail(f"{fqn!r} has a non-boolean {name}")
+        shape = c.size(tensor["size"], f"{fqn!r} size")
+        element = props["dtype"].itemsize
+        numel = math.prod(shape)
+        if numel * element > MAX_BYTES:
+            raise c.fail(f"{fqn!r} claims {numel * element} bytes")
+        chunks = tensor["chunks"]
+        if type(chunks) is not list:
+            raise c.fail(f"{fqn!r} chunks is a {type(chunks).__name__}, not a list")
+        covered = 0
+        for chunk in chunks:
+            c.spend()
+            ch = c.fields(chunk, f"a chunk of {fqn!r}")
+            offsets = c.size(ch["offsets"], f"a chunk offset of {fqn!r}")
+            sizes = c.size(ch["sizes"], f"a chunk size of {fqn!r}")
+            if len(offsets) != len(shape) or len(sizes) != len(shape):
+                raise c.fail(f"a chunk of {fqn!r} has {len(sizes)} dimensions, the tensor {len(shape)}")
+            if any(o + s > d for o, s, d in zip(offsets, sizes, shape)):
+                raise c.fail(f"a chunk of {fqn!r} at {list(offsets)} of size {list(sizes)} lies outside {list(shape)}")
+            info = storage.get(MetadataIndex(fqn, ch["offsets"]))
+            if info is None:
+                raise c.fail(f"the chunk of {fqn!r} at {list(offsets)} has no storage record")
+            chunk_numel = math.prod(sizes)
+            if chunk_numel * element > info.length:
+                raise c.fail(
+                    f"the chunk of {fqn!r} at {list(offsets)} holds {chunk_numel * element} bytes of data but its "
+                    f"record in {info.relative_path} is only {info.length} bytes"
+                )
+            covered += chunk_numel
+        if numel > covered:
+            raise c.fail(f"{fqn!r} of shape {list(shape)} is not covered by its {len(chunks)} chunk(s)")
+    for index in storage:
+        if index.fqn not in sdm:
+            raise c.fail(f"storage_data holds a record for {index.fqn!r}, which state_dict_metadata lacks")
+
+    c.plain(top["planner_data"], "planner_data")
+    if not trust:
+        _check_planner_data(c, top["planner_data"])
+    if top["version"] is not None and type(top["version"]) is not str:
+        raise c.fail("version is not a string")
+    if top["storage_meta"] is not None:
+        meta = c.fields(top["storage_meta"], "storage_meta")
+        for name in ("checkpoint_id", "save_id", "load_id"):
+            if meta[name] is not None and type(meta[name]) is not str and not c.trust:
+                raise c.fail(f"storage_meta.{name} is a {type(meta[name]).__name__}, not a string")
+        c.plain(meta["modules"], "storage_meta.modules")
+    integrity_record(metadata, source)
+
+
+#: Largest list index a key path may hold (``set_element`` grows lists up to it).
+MAX_PATH_INDEX = 1 << 20
+
+
+def _check_planner_data(c: _Checker, planner_data: object) -> None:
+    """DCP's default planners store ``{flat key: key path}``; its loaders index and grow containers by it."""
+    if planner_data is None:
+        return
+    if type(planner_data) is not dict:
+        raise c.fail("planner_data is not DCP's mapping of flattened keys to key paths (a custom planner's? "
+                     "pass trust_checkpoint=True if you trust the checkpoint)")
+    for key, path in planner_data.items():
+        if type(key) is not str or type(path) not in (tuple, list) or not 0 < len(path) <= MAX_DIMS:
+            raise c.fail(f"planner_data entry {str(key)[:80]!r} is not a key path")
+        for part in path:
+            if type(part) is not str and not (type(part) is int and 0 <= part <= MAX_PATH_INDEX):
+                raise c.fail(f"planner_data entry {key[:80]!r} has a path element {str(part)[:40]!r}")
+
+
+# -- integrity record (fail closed) -------------------------------------------------------------
+@dataclass(frozen=True)
+class IntegrityRecord:
+    """What ``DataStatesWriter`` sealed into ``.metadata`` at commit."""
+
+    metadata_sha256: str
+    checksum_files: dict[str, str]  # side file name -> SHA-256 of its bytes; empty: saved without checksums
+
+
+def integrity_record(metadata: Metadata, source: str = METADATA_FILE) -> IntegrityRecord | None:
+    """The sealed record, validated; ``None`` for checkpoints written without one (stock DCP, older ours)."""
+    raw = vars(metadata).get(INTEGRITY_ATTR)
+    if raw is None:
+        return None
+    bad = CorruptCheckpointError(
+        f"{source}: its integrity record ({INTEGRITY_ATTR}) is malformed; the checkpoint is damaged"
+    )
+    if type(raw) is not dict or raw.get("format") != INTEGRITY_FORMAT or set(raw) != {"format", "metadata_sha256", "checksum_files"}:
+        raise bad
+    digest, files = raw["metadata_sha256"], raw["checksum_files"]
+    if type(digest) is not str or not _SHA256.match(digest) or type(files) is not dict:
+        raise bad
+    for name, value in files.items():
+        if plain_file_name_problem(name) or type(value) is not str or not _SHA256.match(value):
+            raise bad
+    return IntegrityRecord(digest, dict(files))
+
+
+def metadata_digest(metadata: Metadata) -> str:
+    """SHA-256 of what decides which bytes load where: entries, chunks, records and planner_data."""
+    parts: list[str] = []
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            p = md.properties
+            chunks = [(tuple(ch.offsets), tuple(ch.sizes)) for ch in md.chunks]
+            parts.append(repr((fqn, str(p.dtype), str(p.layout), p.requires_grad, str(p.memory_format),
+                               p.pin_memory, tuple(md.size), chunks)))
+        else:
+            parts.append(repr((fqn, "object")))
+    for index, info in (metadata.storage_data or {}).items():
+        offset = None if index.offset is None else tuple(index.offset)
+        parts.append(repr((index.fqn, offset, info.relative_path, info.offset, info.length)))
+    planner_data = metadata.planner_data
+    plain = True
+    try:
+        _Checker("", False, 1 << 62).plain(planner_data, "")
+    except CorruptCheckpointError:
+        plain = False  # a custom planner's objects: their repr is not stable across a pickle round trip
+    parts.append(repr(planner_data) if plain else "<planner_data not plain>")
+    return sha256_hex("\n".join(parts).encode("utf-8", "surrogatepass"))
+
+
+def seal_metadata(metadata: Metadata, directory: str | os.PathLike, checksum_files: Iterable[str]) -> None:
+    """Writer side, right before commit: record the digests readers check (see the module docstring).
+
+    ``checksum_files`` are the side files this save wrote; each is read back and hashed.
+    """
+    directory = Path(directory)
+    files = {name: sha256_hex(read_regular_file(directory / name, MAX_CHECKSUM_FILE_BYTES, "checksum file"))
+             for name in sorted(set(checksum_files))}
+    setattr(metadata, INTEGRITY_ATTR, {"format": INTEGRITY_FORMAT, "metadata_sha256": metadata_digest(metadata),
+                                       "checksum_files": files})
+
+
+def expected_checksum_files(directory: str | os.PathLike, data_files: Iterable[str]) -> list[str]:
+    """Side files of ours that exist for ``data_files`` (the writer seals exactly these)."""
+    directory = Path(directory)
+    names = {checksum_file_name(m.group(1)) for f in data_files if (m := _OUR_DATA_FILE.match(f))}
+    return sorted(n for n in names if (directory / n).is_file())
+
+
+# -- data files and checksums against the directory ----------------------------------------------
+@dataclass
+class FileProblem:
+    """One thing wrong with a checkpoint's files; ``error`` is the typed error a reader raises for it."""
+
+    file: str
+    offset: int
+    length: int
+    keys: list[str]
+    reason: str
+    message: str
+    error: type[DataStatesError] = CheckpointIOError
+
+    def exception(self) -> DataStatesError:
+        return self.error(self.message)
+
+
+@dataclass
+class ChecksumSet:
+    """The checksums a load may trust, and whether the checkpoint was saved with them."""
+
+    files: dict[str, FileChecksums] = field(default_factory=dict)
+    sealed: bool = False  # .metadata carries an integrity record
+    saved_with_checksums: bool = False
+    problems: list[FileProblem] = field(default_factory=list)
+
+
+def records_by_file(metadata: Metadata) -> dict[str, list[tuple[int, int, str]]]:
+    by_file: dict[str, list[tuple[int, int, str]]] = {}
+    for index, info in metadata.storage_data.items():
+        by_file.setdefault(info.relative_path, []).append((info.offset, info.length, index.fqn))
+    return by_file
+
+
+def load_verified_checksums(directory: str | os.PathLike, metadata: Metadata) -> ChecksumSet:
+    """Checksums of the data files, from exactly the side files ``.metadata`` vouches for.
+
+    Sealed checkpoints: ``.metadata``'s own digest must match, every listed side file must
+    exist with the recorded SHA-256 and parse, and every data file must be covered. Older
+    checkpoints of ours (no seal) use the side file named after each data file, if present;
+    stock checkpoints have none. Problems are collected, not raised (``verify`` reports all).
+    """
+    directory = Path(directory)
+    source = str(directory / METADATA_FILE)
+    out = ChecksumSet()
+    data_files = records_by_file(metadata)
+    record = integrity_record(metadata, source)
+    if record is not None:
+        out.sealed = True
+        out.saved_with_checksums = bool(record.checksum_files)
+        if metadata_digest(metadata) != record.metadata_sha256:
+            out.problems.append(FileProblem(
+                METADATA_FILE, 0, 0, [], "content differs from the digest recorded at save time",
+                f"{source} has been altered since it was saved: its content does not match the SHA-256 recorded "
+                "in it at commit; the checkpoint is damaged. Load another checkpoint.", CorruptCheckpointError))
+            return out
+        names = dict(record.checksum_files)
+    else:
+        names = {n: "" for n in expected_checksum_files(directory, data_files)}
+    for name, digest in sorted(names.items()):
+        path = directory / name
+        try:
+            data = read_regular_file(path, MAX_CHECKSUM_FILE_BYTES, "checksum file")
+        except FileNotFoundError:
+            out.problems.append(FileProblem(
+                name, 0, 0, [], "checksum file is missing",
+                f"checksum file {name} of checkpoint {str(directory)!r} is missing, yet {METADATA_FILE} records that "
+                "the checkpoint was saved with it; the checkpoint is damaged (pass verify_checksums=False to read "
+                "it unverified)", ChecksumMismatchError))
+            continue
+        except (CorruptCheckpointError, OSError) as exc:
+            out.problems.append(FileProblem(name, 0, 0, [], "checksum file unreadable", str(exc), CorruptCheckpointError))
+            continue
+        if digest and sha256_hex(data) != digest:
+            out.problems.append(FileProblem(
+                name, 0, len(data), [], "checksum file differs from the one sealed at save time",
+                f"checksum file {name} of checkpoint {str(directory)!r} has been altered: its SHA-256 differs from "
+                f"the one {METADATA_FILE} recorded at save time; the checkpoint is damaged", ChecksumMismatchError))
+            continue
+        try:
+            out.files |= parse_checksum_file(data, name)
+        except CorruptCheckpointError as exc:
+            out.problems.append(FileProblem(name, 0, len(data), [], "checksum file malformed", str(exc), CorruptCheckpointError))
+    if record is not None and record.checksum_files and not out.problems:
+        for name, records in sorted(data_files.items()):
+            if name not in out.files:
+                out.problems.append(FileProblem(
+                    name, 0, 0, sorted({k for _, _, k in records}), "no checksums recorded",
+                    f"data file {name} has no checksums, although {METADATA_FILE} records that the checkpoint was "
+                    "saved with them; the checkpoint is damaged", ChecksumMismatchError))
+    return out
+
+
+def data_file_problems(directory: str | os.PathLike, metadata: Metadata, checksums: dict[str, FileChecksums]) -> list[FileProblem]:
+    """Referenced data files that are missing, not regular files, shorter than their records, or not the saved size."""
+    directory = Path(directory)
+    problems = []
+    for name, records in sorted(records_by_file(metadata).items()):
+        needed = max(offset + length for offset, length, _ in records)
+        first_key = min(records)[2]
+        try:
+            info = os.lstat(directory / name)
+        except FileNotFoundError:
+            problems.append(FileProblem(
+                name, 0, needed, sorted({k for _, _, k in records}), "file is missing",
+                f"data file {name!r} of checkpoint {str(directory)!r} is missing (needed by {first_key!r}); "
+                "the checkpoint is damaged"))
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a regular file"
+            problems.append(FileProblem(
+                name, 0, needed, sorted({k for _, _, k in records}), f"is {kind}",
+                f"data file {name!r} of checkpoint {str(directory)!r} is {kind}; data files are never read "
+                "through links or from devices, so the checkpoint cannot be loaded as it is", CorruptCheckpointError))
+            continue
+        size = info.st_size
+        expected = checksums.get(name)
+        if expected is not None and size != expected.size:
+            short = [k for o, n, k in records if o + n > size]
+            problems.append(FileProblem(
+                name, min(size, expected.size), abs(expected.size - size), sorted(set(short)),
+                f"size {size} differs from saved size {expected.size}",
+                f"{name} is {'truncated' if size < expected.size else 'longer than saved'}: {size} bytes, saved with "
+                f"{expected.size} (holds {(short or [first_key])[0]!r}); the checkpoint is damaged",
+                ChecksumMismatchError))
+            continue
+        if size < needed:
+            short = sorted({k for o, n, k in records if o + n > size})
+            problems.append(FileProblem(
+                name, size, needed - size, short, f"truncated to {size} bytes",
+                f"{short[0]!r}: {name} is truncated (records need {needed} bytes, the file has {size}); "
+                "the checkpoint is damaged"))
+    return problems
