@@ -56,12 +56,12 @@ def main(argv: list[str] | None = None) -> None:
         for stepped in (True, False):
             state, optimizer = _state(args.tensors, args.side, stepped)
             for name, make in (
-                ("DataStatesWriter", lambda p: (lambda: dcp.async_save(state, storage_writer=DataStatesWriter(p, config)))),
-                ("stock DefaultStager", lambda p: (lambda: dcp.async_save(state, checkpoint_id=p))),
+                ("DataStatesWriter", lambda s, p: (lambda: dcp.async_save(s, storage_writer=DataStatesWriter(p, config)))),
+                ("stock DefaultStager", lambda s, p: (lambda: dcp.async_save(s, checkpoint_id=p))),
             ):
                 times = []
                 for r in range(args.repeats + 1):  # the first run is a warm-up (pool allocation, imports)
-                    t = _time_call(make(Path(root) / f"{name[:5]}-{stepped}-{r}"))
+                    t = _time_call(make(state, Path(root) / f"{name[:5]}-{stepped}-{r}"))
                     if r:
                         times.append(t)
                 rows.append((name, "known (stepped)" if stepped else "none known", statistics.median(times), min(times), max(times)))
