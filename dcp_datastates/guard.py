@@ -2,8 +2,11 @@
 
 Parameters do not change during forward and backward: only the optimizer step (and
 anything else that writes state in place) must wait until the snapshot's copies are
-done. ``install_optimizer_guard`` puts that wait in an optimizer pre-step hook, so a
-training loop needs no other change to checkpoint asynchronously and consistently.
+done. Every ``torch.optim`` step already waits while a snapshot of this process reads
+live state (``capture``'s global step guard); ``install_optimizer_guard`` also makes an
+optimizer known before its first step (so its parameters are read lazily, not captured),
+and can tie the wait to one writer. ``wait_staged`` is for in-place writes outside an
+optimizer step (EMA into parameters, manual SGD, ``p.data`` assignments).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
+from dcp_datastates.capture import note_optimizer
 from dcp_datastates.snapshot import wait_all_staged
 
 
@@ -32,6 +36,8 @@ def wait_staged(writer: Any | None = None) -> float:
 
 def install_optimizer_guard(optimizer: torch.optim.Optimizer, writer: Any | None = None) -> RemovableHandle:
     """Make ``optimizer.step()`` wait for the snapshot copies it would overwrite; returns the hook handle."""
+
+    note_optimizer(optimizer)
 
     def before_step(opt: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         wait_staged(writer)

@@ -53,3 +53,15 @@ def build_rank_layout(groups: ProviderGroups, file_prefix: str) -> RankLayout:
         object_file=f"{file_prefix}1{DATA_SUFFIX}",
         object_items=[c.item for c in groups.objects()],
     )
+
+
+def with_prefix(layout: RankLayout, file_prefix: str) -> RankLayout:
+    """The same layout under another save's file prefix (offsets depend on the structure alone)."""
+    return RankLayout(
+        file_prefix=file_prefix,
+        tensor_file=f"{file_prefix}0{DATA_SUFFIX}",
+        tensor_records=layout.tensor_records,
+        tensor_file_bytes=layout.tensor_file_bytes,
+        object_file=f"{file_prefix}1{DATA_SUFFIX}",
+        object_items=layout.object_items,
+    )

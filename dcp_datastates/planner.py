@@ -8,13 +8,19 @@ then uses the default providers.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
+import torch
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.planner import LoadPlan, SavePlanner, WriteItem
 
 from dcp_datastates.errors import MissingKeysError
-from dcp_datastates.layout import RankLayout, build_rank_layout
+from dcp_datastates.layout import RankLayout, build_rank_layout, with_prefix
+from dcp_datastates.replicas import SaveGroup, split_items
 from dcp_datastates.state_providers import StateProvider, assign_to_providers, default_providers
 
 
@@ -28,6 +34,69 @@ class DataStatesSavePlanner(DefaultSavePlanner):
     def plan_layout(self, items: list[WriteItem], file_prefix: str) -> RankLayout:
         groups = assign_to_providers(items, getattr(self, "state_dict", {}), self.state_providers)
         return build_rank_layout(groups, file_prefix)
+
+
+@dataclass(frozen=True)
+class SnapshotItems:
+    """A snapshot's local plan: what it writes now (laid out), what it holds for the global plan."""
+
+    layout: RankLayout
+    held: list[WriteItem]
+
+
+#: Local plans of recent saves by state structure: DCP's local plan of 20,000 tensors costs
+#: ~0.4 s of (GIL-holding) CPU; a checkpoint every N steps of one model has one structure.
+_plan_cache: OrderedDict[tuple, SnapshotItems] = OrderedDict()
+_PLAN_CACHE_SIZE = 2
+_plan_cache_lock = threading.Lock()
+plan_cache_hits = 0  # for tests and logs
+
+
+def plan_snapshot(planner: DataStatesSavePlanner, group: SaveGroup, file_prefix: str) -> SnapshotItems:
+    """Plan a snapshot of ``planner.state_dict`` (set up already), reusing the plan of the same structure.
+
+    The key holds everything the plan depends on: each entry's key, kind, dtype, shape and
+    device, and for DTensors the global shape, placements and mesh (ranks and this rank's
+    coordinate) -- and who saves together. A state whose structure changed is planned anew.
+    """
+    global plan_cache_hits
+    key = (structure_key(planner.state_dict), group)
+    with _plan_cache_lock:
+        cached = _plan_cache.get(key)
+        if cached is not None:
+            _plan_cache.move_to_end(key)
+            plan_cache_hits += 1
+    if cached is not None:
+        return SnapshotItems(with_prefix(cached.layout, file_prefix), cached.held)
+    write, held = split_items(planner.create_local_plan().items, planner.state_dict, group)
+    planned = SnapshotItems(planner.plan_layout(write, file_prefix), held)
+    with _plan_cache_lock:
+        _plan_cache[key] = planned
+        while len(_plan_cache) > _PLAN_CACHE_SIZE:
+            _plan_cache.popitem(last=False)
+    return planned
+
+
+def structure_key(flat_state_dict: dict[str, Any]) -> tuple:
+    """What a local plan depends on, for every entry of a flattened state dict (hashable)."""
+    meshes: dict[int, tuple] = {}
+    entries = []
+    for fqn, value in flat_state_dict.items():
+        if isinstance(value, DTensor):
+            mesh = value.device_mesh
+            mesh_key = meshes.get(id(mesh))
+            if mesh_key is None:
+                mesh_key = meshes[id(mesh)] = (
+                    mesh.device_type, tuple(mesh.mesh.shape), tuple(mesh.mesh.flatten().tolist()), tuple(mesh.get_coordinate() or ())
+                )
+            local = value._local_tensor
+            entries.append((fqn, "dtensor", value.dtype, tuple(value.shape), tuple(local.shape), local.device.type,
+                            tuple(value.placements), mesh_key))
+        elif isinstance(value, torch.Tensor):
+            entries.append((fqn, type(value).__name__, value.dtype, tuple(value.shape), value.device.type))
+        else:
+            entries.append((fqn, "object"))
+    return tuple(entries)
 
 
 def plan_layout(planner: SavePlanner, items: list[WriteItem], file_prefix: str) -> RankLayout:

@@ -5,9 +5,12 @@ they may change the moment training resumes), then streams every tensor record i
 layout order through the shared pool buffers into the write engine. Two futures tell
 the caller what it needs to know:
 
+* ``planned`` -- the snapshot's local plan is made (on its own thread, never the
+  caller's): which items it writes and which it holds for the global plan (``replicas``).
 * ``staged`` -- every byte has been copied out of the live state: from now on the
   training loop may mutate parameters and optimizer state (DataStates' lazy snapshot:
-  training waits for this only right before the optimizer step).
+  training waits for this only right before the optimizer step; while any snapshot of
+  the process is not staged, every ``torch.optim`` step waits -- see ``capture``).
 * ``done`` -- every file is written and fsynced, with the location of each record.
 
 Device tensors are copied on a dedicated CUDA stream (on the caller's GPU, ordered
@@ -32,21 +35,20 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItem
 
+from dcp_datastates import capture
 from dcp_datastates.buffer_pool import HostBufferPool
-from dcp_datastates.checksums import (
-    FileChecksums,
-    checksum_file_name,
-    checksums_of,
-    write_checksum_file,
-)
+from dcp_datastates.checksums import FileChecksums, checksums_of
 from dcp_datastates.chunk_stream import ChunkedFileStream, check_still_linked
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.framing import tensor_bytes_view
+from dcp_datastates.held import HeldItem
 from dcp_datastates.layout import RankLayout
 from dcp_datastates.native import create_engine, open_for_write
 from dcp_datastates.shutdown import check_not_abandoned
 
 Resolver = Callable[[WriteItem], "torch.Tensor | io.BytesIO"]
+#: The pool for a state of this many tensor bytes (the pool helper may size it to the state).
+PoolFor = Callable[[int], HostBufferPool]
 
 _in_flight: set["Snapshot"] = set()
 _in_flight_lock = threading.Lock()
@@ -55,8 +57,30 @@ _in_flight_lock = threading.Lock()
 def wait_all_staged() -> None:
     """Wait until no snapshot of this process still reads live state (errors surface on ``done``)."""
     with _in_flight_lock:
-        pending = [snapshot.staged for snapshot in _in_flight]
-    wait(pending)  # a failed snapshot reports through its save's own future
+        snapshots = list(_in_flight)
+    for snapshot in snapshots:
+        snapshot.begin()
+    wait([snapshot.staged for snapshot in snapshots])  # a failed snapshot reports through its save's own future
+
+
+def any_reading_live_state() -> bool:
+    return bool(_in_flight)
+
+
+# Every torch.optim step waits while a snapshot of this process reads live state (see capture).
+capture._wait_for_snapshots = wait_all_staged
+capture._snapshots_reading = any_reading_live_state
+
+
+@dataclass
+class SnapshotPlan:
+    """What a snapshot writes now (``layout``) and what it copies to hold for the global plan."""
+
+    layout: RankLayout
+    resolve: Resolver
+    held: list[WriteItem] = field(default_factory=list)
+    #: ``id`` of tensors that are already private copies (captured): held without a second copy.
+    private_ids: set[int] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -80,18 +104,36 @@ class SnapshotResult:
     device_copies: int = 0
     #: Per-buffer CUDA events the sealer waited on before checksumming and writing a buffer.
     copy_events: int = 0
+    #: items copied to host memory, written by ``write_data`` if the global plan gives them to this rank.
+    held: dict[MetadataIndex, HeldItem] = field(default_factory=dict)
+    #: block checksums of every file written (the writer writes the side file once the save's files are final).
+    checksums: dict[str, FileChecksums] = field(default_factory=dict)
 
 
 class Snapshot:
     def __init__(
-        self, directory: Path, layout: RankLayout, resolve: Resolver, config: DataStatesConfig, pool: HostBufferPool
+        self,
+        directory: Path,
+        layout: RankLayout | None,
+        resolve: Resolver | None,
+        config: DataStatesConfig,
+        pool: HostBufferPool | PoolFor,
+        *,
+        plan: Callable[[], SnapshotPlan] | None = None,
     ) -> None:
+        """Either ``layout`` and ``resolve`` (planned already), or ``plan``, run first on the snapshot's thread."""
         self.directory = directory
-        self.layout = layout
-        self._resolve = resolve
+        self._plan = plan
+        self.held: list[WriteItem] = []
+        self._private_ids: set[int] = set()
+        if plan is None:
+            assert layout is not None and resolve is not None
+            self._set_plan(SnapshotPlan(layout, resolve))
         self._config = config
-        self._pool = pool
+        self._pool_for = pool if callable(pool) and not isinstance(pool, HostBufferPool) else (lambda _bytes: pool)
+        self.planned: Future[tuple[frozenset[MetadataIndex], frozenset[MetadataIndex]]] = Future()
         self.staged: Future[None] = Future()
+        self._begin = threading.Event()
         self.done: Future[SnapshotResult] = Future()
         self._created: list[Path] = []
         self._objects_pickled = threading.Event()
@@ -107,13 +149,31 @@ class Snapshot:
             self._stream_ready.record(torch.cuda.current_stream())
 
     # -- running ------------------------------------------------------------------------------
-    def start(self) -> "Snapshot":
+    def start(self, *, begin_within: float = 0.0) -> "Snapshot":
+        """Run on a thread of its own; with ``begin_within``, wait up to that long for ``begin()`` first.
+
+        Planning is pure Python: started at once, it would hold the GIL against the caller
+        while the caller is still inside ``dcp.async_save`` (making the call itself slower).
+        The writer calls ``begin()`` when ``async_save`` is about to return; anyone who
+        waits for the snapshot (``wait_all_staged``, ``wait_staged``) calls it too.
+        """
         with _in_flight_lock:
             _in_flight.add(self)
         self.staged.add_done_callback(lambda _: self._leave_in_flight())
-        self._thread = threading.Thread(target=self.run, name="dcp-datastates-snapshot", daemon=True)
+        if not begin_within:
+            self._begin.set()
+
+        def run_when_begun() -> None:
+            self._begin.wait(begin_within)
+            self.run()
+
+        self._thread = threading.Thread(target=run_when_begun, name="dcp-datastates-snapshot", daemon=True)
         self._thread.start()
         return self
+
+    def begin(self) -> None:
+        """Let a started snapshot begin now (a no-op once it has)."""
+        self._begin.set()
 
     def _leave_in_flight(self) -> None:
         with _in_flight_lock:
@@ -124,6 +184,11 @@ class Snapshot:
         result = SnapshotResult()
         checksums: dict[str, FileChecksums] = {}
         try:
+            if self._plan is not None:
+                self._set_plan(self._plan())  # DCP's local plan and the layout: here, off the caller's thread
+            self._pool = self._pool_for(self.layout.tensor_file_bytes)
+            written = [r.item.index for r in self.layout.tensor_records] + [i.index for i in self.layout.object_items]
+            self.planned.set_result((frozenset(written), frozenset(item.index for item in self.held)))
             # Objects are pickled on their own thread while the tensor bytes stream.
             objects = _ObjectsThread(self._write_objects, result, checksums, self._cuda_device)
             try:
@@ -134,18 +199,24 @@ class Snapshot:
             objects.raise_if_failed()
             if not self.staged.done():
                 self.staged.set_result(None)
-            if self._config.checksums and checksums:
-                name = checksum_file_name(self.layout.file_prefix)
-                self._created.append(self.directory / name)
-                write_checksum_file(self.directory / name, checksums, fsync=self._config.fsync)
+            if self._config.checksums:
+                result.checksums = checksums
             result.files = [p.name for p in self._created]
         except BaseException as exc:  # noqa: BLE001 - delivered through the futures
             self.discard()
+            if not self.planned.done():
+                self.planned.set_exception(exc)
             if not self.staged.done():
                 self.staged.set_exception(exc)
             self.done.set_exception(exc)
             return
         self.done.set_result(result)
+
+    def _set_plan(self, plan: SnapshotPlan) -> None:
+        self.layout = plan.layout
+        self._resolve = plan.resolve
+        self.held = plan.held
+        self._private_ids = plan.private_ids
 
     def discard(self) -> None:
         """Remove this snapshot's files: a failed save leaves nothing that could pass for data."""
@@ -179,6 +250,12 @@ class Snapshot:
     # -- tensors ------------------------------------------------------------------------------
     def _write_tensors(self, result: SnapshotResult, checksums: dict[str, FileChecksums]) -> None:
         if not self.layout.tensor_records:
+            if self.held:
+                copy_stream = self._copy_stream()
+                with torch.cuda.stream(copy_stream) if copy_stream is not None else contextlib.nullcontext():
+                    self._copy_held(result, copy_stream)
+                if copy_stream is not None:
+                    copy_stream.synchronize()
             return
         engine = create_engine(self._config.io_engine, io_threads=self._config.io_threads, queue_depth=self._config.queue_depth)
         result.engine = engine.name
@@ -203,7 +280,10 @@ class Snapshot:
                         result.records[record.item.index] = RecordLocation(
                             self.layout.tensor_file, record.offset, record.framing.total_bytes
                         )
+                    self._copy_held(result, copy_stream)  # after the stream's copies: the disk starts first
                 stream.finish_copies()
+                if copy_stream is not None and self.held:
+                    copy_stream.synchronize()
             except BaseException:
                 stream.abort()
                 raise
@@ -218,6 +298,27 @@ class Snapshot:
         result.tensor_writes = stream.writes_submitted
         result.device_copies, result.copy_events = stream.device_copies, stream.copy_events
         checksums[self.layout.tensor_file] = FileChecksums(size, block_bytes, tuple(stream.checksums))
+
+    def _copy_held(self, result: SnapshotResult, copy_stream: "torch.cuda.Stream | None") -> None:
+        """Copy every held item out of the live state into host memory of its own (never the pool)."""
+        for item in self.held:
+            obj = self._resolve(item)
+            if item.tensor_data is None:  # an object: its pickle
+                result.held[item.index] = HeldItem(item, payload=bytes(obj.getbuffer()))  # type: ignore[union-attr]
+                continue
+            _check_tensor_matches(item, obj)
+            flat = tensor_bytes_view(obj)  # type: ignore[arg-type]
+            if flat.device.type == "cpu":
+                # A captured tensor is a private copy already; anything else is live and copied now.
+                private = id(obj) in self._private_ids and flat.data_ptr() == obj.data_ptr()  # type: ignore[union-attr]
+                host = flat if private else flat.clone()
+            elif copy_stream is not None and flat.device == copy_stream.device:
+                host = torch.empty(flat.numel(), dtype=torch.uint8, pin_memory=True)
+                flat.record_stream(copy_stream)
+                host.copy_(flat, non_blocking=True)  # on the copy stream; synchronized before staged
+            else:
+                host = flat.to("cpu")
+            result.held[item.index] = HeldItem(item, tensor=host)
 
     def _copy_stream(self) -> "torch.cuda.Stream | None":
         """The caller's GPU's copy stream, ordered after what training queued before the save."""

@@ -9,16 +9,25 @@ writes ``.metadata`` atomically, see ``commit.py``).
 With ``dcp.async_save`` the stage starts in ``stage()``, before DCP even plans, so the
 copies and the disk run while training continues; with ``dcp.save`` it runs inside
 ``write_data``. The files are stock DCP files: ``FileSystemReader`` can load them.
+
+``stage()`` does on the caller's thread only what must be done there: capture the state
+that training may change before the snapshot reads it (``capture``). The snapshot plans
+on its own thread, streams what is certainly this rank's, and holds what the global plan
+may give to another rank (``replicas``); ``prepare_local_plan`` reports both,
+``prepare_global_plan`` (coordinator) makes owners agree with what was staged and gives
+the save one tag, and ``write_data`` writes the held items this rank owns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import uuid
-from collections.abc import Mapping
 import weakref
+from collections.abc import Mapping
 from concurrent.futures import Future as ThreadFuture
+from concurrent.futures import wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +42,8 @@ from torch.distributed.checkpoint.storage import StorageWriter, WriteResult
 from torch.futures import Future
 
 from dcp_datastates.buffer_pool import HostBufferPool
-from dcp_datastates.checksums import checksum_file_name
+from dcp_datastates.capture import CapturedState, capture_mutable, skeleton_of
+from dcp_datastates.checksums import FileChecksums, checksum_file_name, write_checksum_file
 from dcp_datastates.commit import (
     commit_checkpoint,
     has_complete_checkpoint,
@@ -41,12 +51,18 @@ from dcp_datastates.commit import (
     required_sizes,
 )
 from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.dcp_call import find_async_save_call
 from dcp_datastates.directory import DirectoryCheckpointId
-from dcp_datastates.errors import CheckpointExistsError
+from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError
+from dcp_datastates.held import write_held_file
 from dcp_datastates.metadata_check import expected_checksum_files, seal_metadata
-from dcp_datastates.planner import DataStatesSavePlanner, plan_layout
+from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snapshot
+from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.save_claim import DirectoryIdentity, DirectoryLock, SaveClaim
-from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotResult
+from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotPlan, SnapshotResult
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -92,15 +108,52 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self.rank = 0
         self.is_coordinator = True
         self.last_stats: SnapshotResult | None = None  # what the last save on this rank did
+        self.last_capture: CapturedState | None = None  # what the last stage() copied before returning
         self._snapshot: Snapshot | None = None
         self._shipped_result: tuple[str, SnapshotResult] | None = None
         self._claim: SaveClaim | None = None  # the running save's hold on its directory (save_claim.py)
 
     # -- StorageWriter: set-up and planning ------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
+        """Point the writer at ``checkpoint_id`` (DCP calls this when a save names one).
+
+        ``checkpoint_id`` wins over the writer's path, as for stock writers. An async save
+        reads it at call time (``stage``), so its snapshot is already there; a snapshot
+        staged elsewhere (``stage`` called other than by ``dcp.async_save``) is never moved
+        across directories: the save is refused and the snapshot's files removed.
+        """
+        staged_in = self._staged_directory()
         if checkpoint_id:
-            self.path = Path(checkpoint_id)
-        self.save_id = uuid.uuid4().hex
+            target = Path(checkpoint_id)
+            if staged_in is not None and os.path.abspath(target) != os.path.abspath(staged_in):
+                self._discard_staged()
+                raise CheckpointPathError(
+                    f"checkpoint_id {str(target)!r} differs from {str(staged_in)!r}, where this writer's snapshot "
+                    "was staged (stage() was not called by dcp.async_save with that checkpoint_id). Save with "
+                    "checkpoint_id equal to the writer's path, or leave one of them out; the staged files were removed."
+                )
+            self.path = target
+        if staged_in is None:
+            self.save_id = uuid.uuid4().hex
+
+    def _staged_directory(self) -> Path | None:
+        if self._snapshot is not None:
+            return self._snapshot.directory
+        if self._shipped_result is not None:
+            return Path(self._shipped_result[0])
+        return None
+
+    def _discard_staged(self) -> None:
+        """Drop the staged snapshot: wait until it stops writing (it reads private copies or guarded state), remove its files."""
+        snapshot, self._snapshot = self._snapshot, None
+        if snapshot is not None:
+            wait([snapshot.done])
+            snapshot.discard()
+        if self._shipped_result is not None:
+            directory, result = self._shipped_result
+            self._shipped_result = None
+            for name in result.files:
+                (Path(directory) / name).unlink(missing_ok=True)
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -131,7 +184,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 raise
         else:
             self._begin_save(self.is_coordinator, from_stage=False)
-        return plan
+        return dataclasses.replace(plan, storage_data=self._staged_items())  # what this rank staged (replicas)
 
     def _begin_save(self, is_coordinator: bool, *, from_stage: bool = True) -> None:
         """Start a save: create the directory once, record which one it is, lock it (coordinator).
@@ -177,9 +230,32 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         if claim is not None:
             claim.release()
 
+    def _staged_items(self) -> StagedItems | None:
+        """What this rank's snapshot wrote and holds, for the coordinator (``None``: nothing staged)."""
+        if self._snapshot is not None:
+            written, held = self._snapshot.planned.result()
+            return StagedItems(written, held)
+        if self._shipped_result is not None:
+            result = self._shipped_result[1]
+            return StagedItems(frozenset(result.records), frozenset(result.held))
+        return None
+
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        """Owners that agree with what each rank staged, and one tag for every file of the save.
+
+        DCP's dedup may give a replicated item to a rank that did not stage it (it skipped a
+        DTensor replica another rank writes) or take it from the rank that already wrote it;
+        ``assign_owners`` moves each such item to a rank that has it. The metadata DCP built
+        is unaffected (it lists chunks, not owners); owners reach ``.metadata`` through each
+        rank's write results, so they agree with these plans.
+        """
         tag = self.save_id[:8]
-        return [dataclasses.replace(plan, storage_data=FilePrefix(f"__{rank}_{tag}_")) for rank, plan in enumerate(plans)]
+        reports = [plan.storage_data if isinstance(plan.storage_data, StagedItems) else None for plan in plans]
+        items = assign_owners(plans, reports) if any(r is not None for r in reports) else [p.items for p in plans]
+        return [
+            dataclasses.replace(plan, items=owned, storage_data=FilePrefix(f"__{rank}_{tag}_"))
+            for rank, (plan, owned) in enumerate(zip(plans, items))
+        ]
 
     # -- AsyncStager: the lazy snapshot ----------------------------------------------------------
     @property
@@ -192,11 +268,13 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
     def stage(self, state_dict: STATE_DICT_TYPE) -> ThreadFuture[STATE_DICT_TYPE]:
         """Start this rank's snapshot now and return at once (``dcp.async_save`` calls this).
 
-        Copies begin immediately on a background thread (device tensors on a side CUDA
-        stream), streaming through the shared buffer pool to disk. The returned future --
-        ``AsyncSaveResponse.staging_completion`` -- resolves once every byte has been
-        copied out of the live state; until then the training loop must not mutate it
-        (``wait_staged`` / ``install_optimizer_guard`` block right before the optimizer step).
+        On this (the caller's) thread: tensors no known optimizer owns and mutable objects
+        are captured (``capture``); nothing is planned. On the snapshot thread: DCP's local
+        plan, the layout, then the copies (device tensors on a side CUDA stream) streaming
+        through the shared buffer pool to disk. The returned future --
+        ``AsyncSaveResponse.staging_completion`` -- resolves once nothing more is read from
+        the live state; until then every ``torch.optim`` step waits for it (``capture``).
+        In-place writes outside an optimizer step must ``wait_staged()`` first (README).
         """
         if self._snapshot is not None:
             raise RuntimeError(
@@ -204,22 +282,50 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 "create one DataStatesWriter per checkpoint (cheap: the buffer pool is shared) or wait for "
                 "the previous save's upload_completion before reusing it"
             )
+        call = find_async_save_call(self)
+        if call is not None and call.checkpoint_id:
+            self.path = Path(call.checkpoint_id)  # checkpoint_id wins, decided now: the files are written there
+        group = _save_group(call)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         self._begin_save(rank == 0)  # fail now, in the caller, on a bad, occupied or busy path
-        planner = DataStatesSavePlanner()
-        planner.set_up_planner(state_dict, storage_meta=None, is_coordinator=rank == 0)
-        items = planner.create_local_plan().items
-        layout = planner.plan_layout(items, f"__{rank}_{self.save_id[:8]}_")
-        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool()).start()
+        budget = _capture_budget(self.config)
+        try:
+            captured = capture_mutable(state_dict, budget_bytes=budget)
+        except BaseException:
+            self._end_save()  # nothing was staged: free the directory for the next save
+            raise
+        self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
+        prefix = f"__{rank}_{self.save_id[:8]}_"
+
+        def plan() -> SnapshotPlan:  # on the snapshot thread; reused while the state's structure is unchanged
+            planner = DataStatesSavePlanner()
+            planner.set_up_planner(captured.state_dict, storage_meta=None, is_coordinator=rank == 0)
+            planned = plan_snapshot(planner, group, prefix)
+            return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
+
+        snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan)
+        snapshot.start(begin_within=0.0 if captured.over_budget else _BEGIN_WITHIN_S)
         self._snapshot = snapshot
         self._release_claim_on_failure(snapshot)
-        staged: ThreadFuture[STATE_DICT_TYPE] = ThreadFuture()
+        staged: ThreadFuture[STATE_DICT_TYPE] = _StagingFuture(snapshot)
+        if captured.over_budget:
+            # More unguarded state than we may copy aside: stage synchronously (exact, pool-bounded).
+            _log_synchronous_once(captured.bytes_captured, budget)
+            wait([snapshot.staged])
 
         def on_staged(f: ThreadFuture[None]) -> None:
             if f.exception() is not None:
                 staged.set_exception(f.exception())
             else:
-                staged.set_result(state_dict)
+                # Shapes and placements only (meta tensors): DCP plans on it, nothing reads its data, and a
+                # PROCESS executor pickles no (CUDA) tensor memory. Built here, off the copies' path (the
+                # step guard waits on the snapshot itself, not on this future).
+                try:
+                    skeleton = skeleton_of(captured.state_dict)
+                except Exception:  # noqa: BLE001 - the live dict serves DCP's planning as well, only heavier
+                    logger.exception("dcp_datastates: could not build the staging skeleton; handing DCP the state dict")
+                    skeleton = state_dict
+                staged.set_result(skeleton)
 
         snapshot.staged.add_done_callback(on_staged)
         return staged
@@ -228,6 +334,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         """Block until the pending snapshot no longer reads the live state (a no-op if none is)."""
         snapshot = self._snapshot
         if snapshot is not None:
+            snapshot.begin()
             snapshot.staged.result()
 
     def __getstate__(self) -> dict[str, Any]:
@@ -237,6 +344,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         snapshot = state.pop("_snapshot", None)
         state["_shipped_result"] = None
         if snapshot is not None:
+            snapshot.begin()
             state["_shipped_result"] = (str(snapshot.directory), snapshot.done.result())
         return state
 
@@ -246,22 +354,43 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
     # -- StorageWriter: the write step -------------------------------------------------------
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        prefix: FilePrefix = plan.storage_data
         try:
             directory, result = self._finished_snapshot(plan, planner)
         except BaseException:
             self._end_save()  # finish() will not run: let the next save into this directory in
             raise
-        if directory != self.path:  # staged before DCP's reset(checkpoint_id) moved the target
-            for name in result.files:
-                os.replace(Path(directory) / name, self.path / name)
-        missing = [item.index.fqn for item in plan.items if item.index not in result.records]
-        if missing:
-            raise RuntimeError(
-                f"items {missing[:5]} were planned but not staged; the state dict changed between "
-                "async_save's staging and its save"
-            )
+        assert os.path.abspath(directory) == os.path.abspath(self.path), (directory, self.path)  # see reset()
+        final: list[Path] = []
+        try:
+            records, checksums = _rename_to_prefix(self.path, result, prefix.prefix, final)
+            held = [item for item in plan.items if item.index not in records]
+            missing = [item.index.fqn for item in held if item.index not in result.held]
+            if missing:
+                raise RuntimeError(
+                    f"items {missing[:5]} were planned but not staged; the state dict changed between "
+                    "async_save's staging and its save"
+                )
+            if held:  # replicated items the global plan gave to this rank: one file, written once
+                name = f"{prefix.prefix}2.distcp"
+                final.append(self.path / name)
+                where, sums = write_held_file(
+                    self.path / name, [result.held[i.index] for i in held], self.config.checksum_block_bytes, self.config.fsync
+                )
+                records.update({index: RecordLocation(name, w.offset, w.length) for index, w in where.items()})
+                checksums[name] = sums
+            if self.config.checksums and checksums:
+                name = checksum_file_name(prefix.prefix)
+                final.append(self.path / name)
+                write_checksum_file(self.path / name, checksums, fsync=self.config.fsync)
+        except BaseException:
+            for path in final:
+                path.unlink(missing_ok=True)
+            self._end_save()
+            raise
+        result.held = {}  # the copies are written or not ours: release their memory now
         self.last_stats = result
-        results = [_write_result(item, result.records[item.index]) for item in plan.items]
+        results = [_write_result(item, records[item.index]) for item in plan.items]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -277,7 +406,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             return Path(directory), shipped
         prefix: FilePrefix = plan.storage_data
         layout = plan_layout(planner, plan.items, prefix.prefix)
-        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool())
+        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool)
         snapshot.run()
         return self.path, snapshot.done.result()
 
@@ -322,6 +451,89 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             )
         finally:
             self._end_save()
+
+
+#: Unguarded state ``stage()`` may copy aside: the host pool's size, and at least this much
+#: (BatchNorm statistics, amax history and small EMAs of a typical model fit). Beyond it the
+#: save stages synchronously through the pool: exact, bounded memory, not lazy.
+CAPTURE_BUDGET_FLOOR = 512 * 1024**2
+
+#: Longest a staged snapshot waits for async_save to return before it starts planning anyway.
+_BEGIN_WITHIN_S = 0.05
+
+
+class _StagingFuture(ThreadFuture):
+    """The future ``stage`` returns: tells the snapshot when ``dcp.async_save`` is about to return.
+
+    ``async_save``'s last act is to register a callback on this future; the snapshot's
+    planning (GIL-bound Python) starts then, not while the caller is still inside the
+    call (DCP's upload thread waits on ``result`` earlier, so that does not count). It
+    never waits for more than ``_BEGIN_WITHIN_S``.
+    """
+
+    def __init__(self, snapshot: Snapshot) -> None:
+        super().__init__()
+        self._snapshot = snapshot
+
+    def add_done_callback(self, fn: Any) -> None:
+        super().add_done_callback(fn)
+        self._snapshot.begin()
+
+
+_logged_synchronous = False
+
+
+def _capture_budget(config: DataStatesConfig) -> int:
+    """Bytes ``stage()`` may copy aside: an explicit pool size, and at least ``CAPTURE_BUDGET_FLOOR``."""
+    pool_bytes = config.host_pool_bytes if isinstance(config.host_pool_bytes, int) else 0  # "auto": sized later
+    return max(pool_bytes, CAPTURE_BUDGET_FLOOR)
+
+
+def _log_synchronous_once(unguarded: int, budget: int) -> None:
+    global _logged_synchronous
+    if not _logged_synchronous:
+        _logged_synchronous = True
+        logger.warning(
+            "dcp_datastates: %d MiB of the state dict is not owned by any optimizer known to have stepped, more than "
+            "the %d MiB a save may copy aside (host_pool_bytes, at least 512 MiB); async_save staged synchronously (it returned once the "
+            "snapshot stopped reading live state). Saves after the first optimizer.step() -- or after "
+            "install_optimizer_guard(optimizer) -- read parameters and optimizer state lazily.",
+            unguarded >> 20, budget >> 20,
+        )
+
+
+def _save_group(call: Any) -> SaveGroup:
+    """Who saves together, from the ``dcp.async_save`` call (``None``: not called by it -- assume nothing)."""
+    if not (dist.is_available() and dist.is_initialized()) or (call is not None and call.no_dist):
+        return SaveGroup(single=True)
+    if call is None:
+        return SaveGroup(single=dist.get_world_size() == 1, ranks=None)
+    group = call.process_group or dist.group.WORLD
+    ranks = frozenset(dist.get_process_group_ranks(group))
+    return SaveGroup(single=len(ranks) == 1, ranks=ranks)
+
+
+def _rename_to_prefix(
+    directory: Path, result: SnapshotResult, prefix: str, renamed: list[Path]
+) -> tuple[dict, dict[str, FileChecksums]]:
+    """Give a staged snapshot's files the save's one prefix (same directory: an atomic rename).
+
+    A snapshot staged by ``async_save`` names its files before the global plan exists;
+    the coordinator's tag reaches every rank only in the global plan.
+    """
+    names: dict[str, str] = {}
+    for name in result.files:
+        new = prefix + name[len(_prefix_of(name)) :]
+        if new != name:
+            os.rename(directory / name, directory / new)
+        renamed.append(directory / new)
+        names[name] = new
+    records = {
+        index: RecordLocation(names.get(where.relative_path, where.relative_path), where.offset, where.length)
+        for index, where in result.records.items()
+    }
+    checksums = {names.get(name, name): sums for name, sums in result.checksums.items()}
+    return records, checksums
 
 
 def _write_result(item: WriteItem, where: RecordLocation) -> WriteResult:
