@@ -12,7 +12,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, TypeVar
 
 logger = logging.getLogger("dcp_datastates")
 
@@ -57,23 +57,30 @@ class WriteEngine(ABC):
         """Release the engine's threads and kernel resources. Pending writes must be done."""
 
 
-def create_engine(name: EngineName, *, io_threads: int, queue_depth: int) -> WriteEngine:
-    """Build the engine the config asks for; ``auto`` falls back to threads, saying why."""
-    from dcp_datastates.native.pwrite_engine import ThreadPoolWriteEngine
+Engine = TypeVar("Engine")
 
+
+def choose_engine(name: EngineName, make_uring: Callable[[], Engine], make_threads: Callable[[], Engine], doing: str) -> Engine:
+    """The engine ``name`` asks for; ``auto`` falls back to threads, saying why (writes and reads alike)."""
     if name == "threads":
-        return ThreadPoolWriteEngine(io_threads)
-    from dcp_datastates.native.uring_engine import IoUringWriteEngine
-
+        return make_threads()
     try:
-        engine: WriteEngine = IoUringWriteEngine(queue_depth)
+        engine = make_uring()
     except EngineUnavailable as exc:
         if name == "io_uring":
             raise EngineUnavailable(
                 f"io_engine='io_uring' was asked for but io_uring cannot be used here: {exc}. "
                 "Use io_engine='auto' or 'threads'."
             ) from exc
-        logger.warning("dcp_datastates: io_uring unavailable (%s); writing with the threads engine", exc)
-        return ThreadPoolWriteEngine(io_threads)
-    logger.info("dcp_datastates: writing with the io_uring engine (queue depth %d)", queue_depth)
+        logger.warning("dcp_datastates: io_uring unavailable (%s); %s with the threads engine", exc, doing)
+        return make_threads()
+    logger.info("dcp_datastates: %s with the io_uring engine", doing)
     return engine
+
+
+def create_engine(name: EngineName, *, io_threads: int, queue_depth: int) -> WriteEngine:
+    """Build the write engine the config asks for (see ``choose_engine``)."""
+    from dcp_datastates.native.pwrite_engine import ThreadPoolWriteEngine
+    from dcp_datastates.native.uring_engine import IoUringWriteEngine
+
+    return choose_engine(name, lambda: IoUringWriteEngine(queue_depth), lambda: ThreadPoolWriteEngine(io_threads), "writing")

@@ -1,18 +1,12 @@
-"""Fallback engine: a pool of threads calling ``os.pwrite`` (which releases the GIL).
-
-Plain threads fed by a queue, not a ``concurrent.futures`` executor: an executor refuses
-new work once the interpreter has begun to exit, and a save still in flight when a
-script returns must be able to finish (the interpreter waits for it).
-"""
+"""Fallback engine: worker threads (``workers``) calling ``os.pwrite``, which releases the GIL."""
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 from typing import ClassVar
 
 from dcp_datastates.native.engine import MAX_RETRIES, TRANSIENT_ERRNOS, WriteEngine, WriteRequest
+from dcp_datastates.native.workers import WorkerThreads
 
 
 def write_fully(fd: int, path: str, buffer: memoryview, offset: int) -> None:
@@ -32,30 +26,12 @@ def write_fully(fd: int, path: str, buffer: memoryview, offset: int) -> None:
 
 
 class ThreadPoolWriteEngine(WriteEngine):
-    """Each request runs on one of ``threads`` workers; at most ``threads`` requests queue behind them."""
+    """Each request runs on one of ``threads`` workers; at most ``2 * threads`` requests queue behind them."""
 
     name: ClassVar[str] = "threads"
 
     def __init__(self, threads: int) -> None:
-        self._queue: queue.SimpleQueue[WriteRequest | None] = queue.SimpleQueue()
-        self._slots = threading.BoundedSemaphore(2 * threads)
-        self._closed = False
-        self._workers: list[threading.Thread] = []
-        try:
-            for i in range(threads):
-                worker = threading.Thread(target=self._work, name=f"dcp-datastates-pwrite-{i}", daemon=True)
-                worker.start()
-                self._workers.append(worker)
-        except BaseException:
-            self.close()
-            raise
-
-    def _work(self) -> None:
-        while True:
-            request = self._queue.get()
-            if request is None:
-                return
-            self._run(request)
+        self._workers: WorkerThreads[WriteRequest] = WorkerThreads(threads, self._run, "dcp-datastates-pwrite")
 
     def _run(self, request: WriteRequest) -> None:
         error: BaseException | None = None
@@ -63,22 +39,10 @@ class ThreadPoolWriteEngine(WriteEngine):
             write_fully(request.fd, request.path, request.buffer, request.offset)
         except BaseException as exc:  # noqa: BLE001 - handed to the caller through on_done
             error = exc
-        finally:
-            self._slots.release()
         request.on_done(error)
 
     def submit(self, request: WriteRequest) -> None:
-        if self._closed:
-            raise RuntimeError("pwrite engine is closed")
-        self._slots.acquire()
-        self._queue.put(request)  # cannot fail: a worker is behind every queued request
+        self._workers.submit(request)
 
     def close(self) -> None:
-        """Let the workers drain the queue, then stop them."""
-        if self._closed:
-            return
-        self._closed = True
-        for _ in self._workers:
-            self._queue.put(None)
-        for worker in self._workers:
-            worker.join()
+        self._workers.close()

@@ -21,14 +21,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from dcp_datastates.native.engine import MAX_RETRIES, TRANSIENT_ERRNOS, EngineName, EngineUnavailable
+from dcp_datastates.native.engine import MAX_RETRIES, TRANSIENT_ERRNOS, EngineName, choose_engine
+from dcp_datastates.native.uring_ring import InFlight, RingEngine
+from dcp_datastates.native.workers import WorkerThreads
 
 logger = logging.getLogger("dcp_datastates")
 
@@ -108,12 +108,12 @@ class ReadEngine(ABC):
 
 
 class ThreadPoolReadEngine(ReadEngine):
-    """Each request runs on one of ``threads`` workers."""
+    """Each request runs on one of ``threads`` workers (``workers``), as in the pwrite engine."""
 
     name: ClassVar[str] = "threads"
 
     def __init__(self, threads: int) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="dcp-datastates-pread")
+        self._workers: WorkerThreads[ReadRequest] = WorkerThreads(threads, self._run, "dcp-datastates-pread")
 
     def _run(self, request: ReadRequest) -> None:
         error: BaseException | None = None
@@ -125,141 +125,50 @@ class ThreadPoolReadEngine(ReadEngine):
         request.on_done(error, got)
 
     def submit(self, request: ReadRequest) -> None:
-        self._pool.submit(self._run, request)
+        self._workers.submit(request)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        self._workers.close()
 
 
-_WAKE_UP = 0  # user_data reserved for "no request"
-_binding_lock = threading.Lock()
-_binding: Any = None
+class IoUringReadEngine(RingEngine, ReadEngine):
+    """Reads on the shared ring (``uring_ring``); a short read before end of file asks for the rest."""
 
-
-def _load_binding() -> Any:
-    """The liburing module with every attribute we use resolved once, under a lock (lazy import is not thread-safe)."""
-    global _binding
-    with _binding_lock:
-        if _binding is None:
-            import liburing
-
-            for name in ("io_uring", "io_uring_cqe", "io_uring_queue_init", "io_uring_register_eventfd",
-                         "io_uring_get_sqe", "io_uring_prep_read", "io_uring_submit", "io_uring_peek_cqe",
-                         "io_uring_cqe_seen", "io_uring_queue_exit"):
-                getattr(liburing, name)
-            _binding = liburing
-        return _binding
-
-
-@dataclass
-class _InFlight:
-    request: ReadRequest
-    done: int = 0  # bytes already read (short reads before end of file are resubmitted)
-    retries: int = 0
-
-
-class IoUringReadEngine(ReadEngine):
     name: ClassVar[str] = "io_uring"
 
     def __init__(self, queue_depth: int) -> None:
-        try:
-            liburing = _load_binding()
-        except Exception as exc:  # ImportError, or a binding that fails to load
-            raise EngineUnavailable(f"the liburing binding cannot be imported ({exc})") from exc
-        self._lib = liburing
-        self._ring = liburing.io_uring()
-        self._cqe = liburing.io_uring_cqe()
-        try:
-            liburing.io_uring_queue_init(max(queue_depth, 2), self._ring, 0)
-        except OSError as exc:  # ENOSYS (seccomp), EPERM (kernel.io_uring_disabled), ENOMEM
-            raise EngineUnavailable(f"io_uring_queue_init failed: {exc}") from exc
-        self._eventfd = os.eventfd(0, os.EFD_CLOEXEC)
-        liburing.io_uring_register_eventfd(self._ring, self._eventfd)
-        self._slots = threading.BoundedSemaphore(queue_depth)
-        self._sq_lock = threading.Lock()
-        self._in_flight: dict[int, _InFlight] = {}
-        self._next_id = 1
-        self._closing = False
-        self._reaper = threading.Thread(target=self._reap_forever, name="dcp-datastates-uring-read", daemon=True)
-        self._reaper.start()
+        super().__init__(queue_depth, "dcp-datastates-uring-read")
 
     def submit(self, request: ReadRequest) -> None:
-        if self._closing:
-            raise RuntimeError("io_uring read engine is closed")
         if not len(request.buffer):
             request.on_done(None, 0)
             return
-        self._slots.acquire()
-        with self._sq_lock:
-            user_data = self._next_id
-            self._next_id += 1
-            self._in_flight[user_data] = _InFlight(request)
-            self._queue_read(user_data)
+        self._track(request)
 
-    def _queue_read(self, user_data: int) -> None:
-        """Prepare and submit the (remaining part of the) read; caller holds ``_sq_lock``."""
-        entry = self._in_flight[user_data]
+    def _prepare(self, sqe: Any, entry: InFlight) -> None:
         view = entry.request.buffer[entry.done :]
-        sqe = self._lib.io_uring_get_sqe(self._ring)
         self._lib.io_uring_prep_read(sqe, entry.request.fd, view, len(view), entry.request.offset + entry.done)
-        sqe.user_data = user_data
-        self._lib.io_uring_submit(self._ring)
-
-    def _reap_forever(self) -> None:
-        lib = self._lib
-        while True:
-            os.read(self._eventfd, 8)  # blocks without holding the GIL
-            while lib.io_uring_peek_cqe(self._ring, self._cqe) == 0:
-                result, user_data = self._cqe.res, self._cqe.user_data
-                lib.io_uring_cqe_seen(self._ring, self._cqe)
-                if user_data != _WAKE_UP:
-                    self._complete(user_data, result)
-            if self._closing and not self._in_flight:
-                return
 
     def _complete(self, user_data: int, result: int) -> None:
         entry = self._in_flight[user_data]
-        request = entry.request
+        request: ReadRequest = entry.request
         error: BaseException | None = None
         if result < 0:
             if -result in TRANSIENT_ERRNOS and entry.retries < MAX_RETRIES:
                 entry.retries += 1
-                with self._sq_lock:
-                    self._queue_read(user_data)
+                self._resubmit(user_data)
                 return
             error = _read_error(-result, request.path, request.offset + entry.done,
                                 len(request.buffer) - entry.done, "io_uring")
         elif result > 0:
             entry.done += result
             if entry.done < len(request.buffer):  # short read: ask for the rest (0 next time means end of file)
-                with self._sq_lock:
-                    self._queue_read(user_data)
+                self._resubmit(user_data)
                 return
-        del self._in_flight[user_data]
-        self._slots.release()
+        self._finished(user_data)
         request.on_done(error, entry.done)
-
-    def close(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        os.eventfd_write(self._eventfd, 1)  # wake the reaper so it sees _closing
-        self._reaper.join()
-        self._lib.io_uring_queue_exit(self._ring)
-        os.close(self._eventfd)
 
 
 def create_read_engine(name: EngineName, *, io_threads: int, queue_depth: int) -> ReadEngine:
-    """Build the read engine the config asks for; ``auto`` falls back to threads, saying why."""
-    if name == "threads":
-        return ThreadPoolReadEngine(io_threads)
-    try:
-        return IoUringReadEngine(queue_depth)
-    except EngineUnavailable as exc:
-        if name == "io_uring":
-            raise EngineUnavailable(
-                f"io_engine='io_uring' was asked for but io_uring cannot be used here: {exc}. "
-                "Use io_engine='auto' or 'threads'."
-            ) from exc
-        logger.warning("dcp_datastates: io_uring unavailable (%s); reading with the threads engine", exc)
-        return ThreadPoolReadEngine(io_threads)
+    """Build the read engine the config asks for (``engine.choose_engine``: the write side's rule)."""
+    return choose_engine(name, lambda: IoUringReadEngine(queue_depth), lambda: ThreadPoolReadEngine(io_threads), "reading")

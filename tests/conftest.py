@@ -172,3 +172,24 @@ def assert_state_equal(actual: dict, expected: dict) -> None:
             assert_state_equal(actual[key], value)
         else:
             assert actual[key] == value, key
+
+
+# -- one state whose every value says which save it came from (saves racing, failing, overwriting)
+N = 20_000
+
+
+def state_of(value: float) -> dict:
+    return {"a": torch.full((N,), value), "b": torch.arange(N, dtype=torch.float64) + value, "step": int(value)}
+
+
+def assert_loads_as(path: Path, value: float) -> None:
+    """``path`` loads exactly as the save of ``state_of(value)``."""
+    import torch.distributed.checkpoint as dcp
+
+    from dcp_datastates import DataStatesReader
+
+    out = {"a": torch.zeros(N), "b": torch.zeros(N, dtype=torch.float64), "step": 0}
+    dcp.load(out, storage_reader=DataStatesReader(path), no_dist=True)
+    assert out["step"] == int(value)
+    assert torch.equal(out["a"], torch.full((N,), value))
+    assert torch.equal(out["b"], torch.arange(N, dtype=torch.float64) + value)

@@ -16,30 +16,15 @@ import threading
 from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from conftest import small_config
-from dcp_datastates import DataStatesReader, DataStatesWriter
+from conftest import N, assert_loads_as, small_config, state_of
+from dcp_datastates import DataStatesWriter
 from dcp_datastates import chunk_stream
-from dcp_datastates.commit import METADATA_FILE
 from dcp_datastates.errors import CheckpointBusyError
 from dcp_datastates.save_claim import LOCK_FILE
 
-N = 20_000
-
-
-def state_of(value: float) -> dict:
-    return {"a": torch.full((N,), value), "b": torch.arange(N, dtype=torch.float64) + value, "step": int(value)}
-
-
-def assert_loads_as(path: Path, value: float) -> None:
-    out = {"a": torch.zeros(N), "b": torch.zeros(N, dtype=torch.float64), "step": 0}
-    dcp.load(out, storage_reader=DataStatesReader(path), no_dist=True)
-    assert out["step"] == int(value)
-    assert torch.equal(out["a"], torch.full((N,), value))
-    assert torch.equal(out["b"], torch.arange(N, dtype=torch.float64) + value)
 
 
 def hold_the_sealer(monkeypatch) -> tuple[threading.Event, threading.Event]:

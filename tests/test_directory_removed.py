@@ -11,33 +11,18 @@ from __future__ import annotations
 import os
 import shutil
 import threading
-from pathlib import Path
 
 import pytest
-import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from conftest import small_config
-from dcp_datastates import DataStatesReader, DataStatesWriter
+from conftest import assert_loads_as, small_config, state_of
+from dcp_datastates import DataStatesWriter
 from dcp_datastates import chunk_stream, writer as writer_module
 from dcp_datastates.commit import METADATA_FILE
 from dcp_datastates.errors import CheckpointDirectoryChangedError
 from dcp_datastates.resume import latest_complete_checkpoint
 
-N = 20_000
-
-
-def state_of(value: float) -> dict:
-    return {"a": torch.full((N,), value), "b": torch.arange(N, dtype=torch.float64) + value, "step": int(value)}
-
-
-def assert_loads_as(path: Path, value: float) -> None:
-    out = {"a": torch.zeros(N), "b": torch.zeros(N, dtype=torch.float64), "step": 0}
-    dcp.load(out, storage_reader=DataStatesReader(path), no_dist=True)
-    assert out["step"] == int(value)
-    assert torch.equal(out["a"], torch.full((N,), value))
-    assert torch.equal(out["b"], torch.arange(N, dtype=torch.float64) + value)
 
 
 def hold_the_sealer(monkeypatch) -> tuple[threading.Event, threading.Event]:

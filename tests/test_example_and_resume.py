@@ -69,3 +69,13 @@ def test_main_example_refuses_a_file_as_dir(tmp_path):
     proc = run_example("--dir", str(target))
     assert proc.returncode == 2 and "is a file" in proc.stderr, proc.stderr
     assert target.read_text() == "not a directory"
+
+
+def test_latest_complete_checkpoint_skips_incomplete_ones(tmp_path, make_writer):
+    for step in (5, 10):
+        dcp.save({"w": torch.full((2,), float(step))}, storage_writer=make_writer(tmp_path / f"step-{step}"), no_dist=True)
+    (tmp_path / "step-15").mkdir()  # a save that died before its commit
+    (tmp_path / "step-15" / "__0_abc_0.distcp").write_bytes(b"partial")
+    assert [p.name for p in list_complete_checkpoints(tmp_path)] == ["step-5", "step-10"]
+    assert latest_complete_checkpoint(tmp_path) == tmp_path / "step-10"
+    assert latest_complete_checkpoint(tmp_path / "missing") is None
