@@ -17,10 +17,12 @@ the same cap, one log line per growth -- if a later save's state is larger. A po
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import logging
 import mmap
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -64,6 +66,19 @@ def fault_in(address: int, length: int) -> None:
     if _libc is not None and _libc.madvise(address, length, _MADV_POPULATE_WRITE) == 0:
         return
     ctypes.memset(address, 0, length)
+
+
+#: Pools whose filler thread is running. The filler is a daemon thread (a process must never
+#: wait for GBs of staging memory it will not use to exit), so it is stopped *before* the
+#: interpreter finalizes: a daemon thread still inside a torch or C call then would be torn
+#: down mid-call, which aborts the process ("terminate called without an active exception").
+_filling: "weakref.WeakSet[HostBufferPool]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_fillers_at_exit() -> None:
+    for pool in list(_filling):
+        pool.stop_filling()
 
 
 class HostBufferPool:
@@ -174,6 +189,21 @@ class HostBufferPool:
             self._filler.start()
 
     def _fill(self) -> None:
+        _filling.add(self)
+        try:
+            self._fill_buffers()
+        finally:
+            _filling.discard(self)
+
+    def stop_filling(self) -> None:
+        """Stop the filler after the buffer it is making (at exit), and wait for it."""
+        with self._cond:
+            self._target = min(self._target, len(self._buffers) + 1)
+            filler = self._filler
+        if filler is not None and filler is not threading.current_thread():
+            filler.join()
+
+    def _fill_buffers(self) -> None:
         try:
             if self.pin and self._device is not None:
                 torch.cuda.set_device(self._device)  # register in the caller's context, not device 0's

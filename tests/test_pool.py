@@ -35,7 +35,8 @@ def fresh_pools(monkeypatch):
     monkeypatch.setattr(HostBufferPool, "_shared", shared)
     monkeypatch.setattr(HostBufferPool, "_auto", auto)
     yield
-    for pool in [*shared.values(), *auto.values()]:  # no filler of this test runs into the next one
+    # no filler of this test runs into the next one (the reader's load pools fill in the background too)
+    for pool in [*shared.values(), *auto.values(), *list(buffer_pool._filling)]:
         assert pool.wait_ready(60)
 
 
