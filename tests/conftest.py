@@ -193,3 +193,19 @@ def assert_loads_as(path: Path, value: float) -> None:
     assert out["step"] == int(value)
     assert torch.equal(out["a"], torch.full((N,), value))
     assert torch.equal(out["b"], torch.arange(N, dtype=torch.float64) + value)
+
+
+MULTIRANK = Path(__file__).parent / "multirank"
+
+
+def torchrun_script(script: str, *args: str, timeout: int = 300) -> str:
+    """Run ``tests/multirank/<script>`` on two gloo ranks; fail with both ranks' output, return stdout."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(MULTIRANK))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(MULTIRANK / script), *args]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout

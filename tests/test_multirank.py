@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,7 +9,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from conftest import small_config
+from conftest import small_config, torchrun_script
 from dcp_datastates import DataStatesReader, DataStatesWriter
 
 HERE = Path(__file__).parent / "multirank"
@@ -22,11 +20,7 @@ pytestmark = pytest.mark.multirank
 
 
 def torchrun(*args: str, timeout: int = 240) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "sharded_roundtrip.py"), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+    return torchrun_script("sharded_roundtrip.py", *args, timeout=timeout)
 
 
 def test_two_ranks_save_dtensors_then_reshard_and_load_on_one_rank(tmp_path):

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
 
+from conftest import torchrun_script
 from dcp_datastates import DataStatesWriter
 from dcp_datastates.shared_reads import assign_shared_reads
 
@@ -26,11 +25,7 @@ pytestmark = pytest.mark.multirank
 
 
 def torchrun(*args: str, timeout: int = 300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(HERE / "replicated_load.py"), *args]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
-    return proc.stdout
+    return torchrun_script("replicated_load.py", *args, timeout=timeout)
 
 
 def item(fqn: str) -> ReadItem:
