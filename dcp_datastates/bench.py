@@ -176,7 +176,7 @@ def torch_checkpointing_manager(asynchronous: bool):  # type: ignore[no-untyped-
 def run(size_gib: float, directory: Path, repeats: int, device: str) -> tuple[list[Row], int]:
     state = make_state(int(size_gib * GiB), device)
     total = state_bytes(state)
-    config = DataStatesConfig(chunk_bytes="32MiB", host_pool_bytes="512MiB")
+    config = DataStatesConfig()  # the defaults users get (host_pool_bytes="auto": sized to the state)
 
     def stock_fs(path: Path) -> None:
         dcp.save(state, storage_writer=dcp.FileSystemWriter(path, thread_count=8), no_dist=True)
