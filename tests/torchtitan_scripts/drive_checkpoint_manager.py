@@ -24,19 +24,11 @@ warnings.filterwarnings("ignore")
 
 def build(folder: str, async_mode: str, seed: int):
     from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
-    from torchtitan.components.optimizer.optimizer import OptimizersContainer, ParamGroupConfig
+    from tiny_training import tiny_model_and_optimizers
 
     from dcp_datastates.integrations.torchtitan import DataStatesCheckpointManager
 
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-    optimizers = OptimizersContainer(
-        OptimizersContainer.Config(
-            param_groups=[ParamGroupConfig(pattern=".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-2})],
-            implementation="for-loop",
-        ),
-        model_parts=[model],
-    )
+    model, optimizers = tiny_model_and_optimizers(seed)
     schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0 / (1 + step))
     config = DataStatesCheckpointManager.Config(
         enable=True, folder="ckpt", interval=2, keep_latest_k=2, async_mode=async_mode,

@@ -35,17 +35,9 @@ def parse(args: list[str]):
 
 def build(config, folder: str, seed: int):
     from torchtitan.components.optimizer.lr_scheduler import LRSchedulersContainer
-    from torchtitan.components.optimizer.optimizer import OptimizersContainer, ParamGroupConfig
+    from tiny_training import tiny_model_and_optimizers
 
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
-    optimizers = OptimizersContainer(
-        OptimizersContainer.Config(
-            param_groups=[ParamGroupConfig(pattern=".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-2})],
-            implementation="for-loop",
-        ),
-        model_parts=[model],
-    )
+    model, optimizers = tiny_model_and_optimizers(seed)
     schedulers = LRSchedulersContainer(optimizers, lambda step: 1.0)
     manager = config.checkpoint.build(dataloader=None, model_parts=[model], optimizers=optimizers,
                                       lr_schedulers=schedulers, states={}, sd_adapter=None, base_folder=folder)
