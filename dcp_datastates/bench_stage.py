@@ -34,7 +34,8 @@ def _state(tensors: int, side: int, stepped: bool) -> tuple[dict, torch.optim.Op
     return {"model": {f"layer{i}.weight": p.detach() for i, p in enumerate(params)}, "step": 1}, optimizer
 
 
-def _time_call(save) -> float:
+def time_call(save) -> float:
+    """Seconds until ``save()`` returns (what the caller pays); then waits for the save to finish."""
     start = time.perf_counter()
     response = save()
     elapsed = time.perf_counter() - start
@@ -61,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
             ):
                 times = []
                 for r in range(args.repeats + 1):  # the first run is a warm-up (pool allocation, imports)
-                    t = _time_call(make(state, Path(root) / f"{name[:5]}-{stepped}-{r}"))
+                    t = time_call(make(state, Path(root) / f"{name[:5]}-{stepped}-{r}"))
                     if r:
                         times.append(t)
                 rows.append((name, "known (stepped)" if stepped else "none known", statistics.median(times), min(times), max(times)))

@@ -29,12 +29,12 @@ from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import Metadata
 
+from dcp_datastates.directory import METADATA_FILE
 from dcp_datastates.errors import CheckpointDirectoryChangedError, CheckpointIOError, CheckpointPathError
 from dcp_datastates.save_claim import DirectoryIdentity
 
 logger = logging.getLogger("dcp_datastates")
 
-METADATA_FILE = ".metadata"
 #: Files a DCP writer (ours or stock) creates; the only ones a commit may delete.
 _DATA_FILE_RE = re.compile(r"^__\d+_.*(\.distcp|_checksums\.json)$")
 _TMP_METADATA_RE = re.compile(r"^\.metadata\..*\.tmp$")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+#: The file whose presence makes a checkpoint directory complete (DCP's name, stock and ours).
+METADATA_FILE = ".metadata"
+
 
 def validate_directory_id(checkpoint_id: str | os.PathLike) -> bool:
     """A local path whose nearest existing ancestor is writable (same rule as stock DCP)."""

@@ -52,6 +52,7 @@ from dcp_datastates.checksums import (
     read_regular_file,
     sha256_hex,
 )
+from dcp_datastates.directory import METADATA_FILE
 from dcp_datastates.errors import (
     CheckpointIOError,
     CheckpointPathError,
@@ -62,7 +63,6 @@ from dcp_datastates.errors import (
 )
 from dcp_datastates.safe_pickle import load_metadata_bytes
 
-METADATA_FILE = ".metadata"
 #: Attribute of ``Metadata`` holding what ``DataStatesWriter`` sealed at commit (plain dict).
 INTEGRITY_ATTR = "dcp_datastates_integrity"
 INTEGRITY_FORMAT = 1

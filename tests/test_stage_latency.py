@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import statistics
 import threading
-import time
 
 import torch
 import torch.distributed.checkpoint as dcp
 
 from dcp_datastates import DataStatesConfig, DataStatesWriter
-from dcp_datastates.bench_stage import _state
+from dcp_datastates.bench_stage import _state, time_call
 from dcp_datastates.planner import DataStatesSavePlanner
 
 
@@ -39,17 +38,10 @@ def test_async_save_returns_well_before_stock_with_many_tensors(tmp_path):
     state, _ = _state(5000, 64, stepped=True)  # 5,000 guarded parameters: nothing to capture
     config = DataStatesConfig(host_pool_bytes="128MiB")
 
-    def timed(save) -> float:
-        start = time.perf_counter()
-        response = save()
-        elapsed = time.perf_counter() - start
-        getattr(response, "upload_completion", response).result()
-        return elapsed
-
     ours, stock = [], []
     for r in range(4):
-        ours.append(timed(lambda: dcp.async_save(state, storage_writer=DataStatesWriter(tmp_path / f"ours{r}", config))))
-        stock.append(timed(lambda: dcp.async_save(state, checkpoint_id=tmp_path / f"stock{r}")))
+        ours.append(time_call(lambda: dcp.async_save(state, storage_writer=DataStatesWriter(tmp_path / f"ours{r}", config))))
+        stock.append(time_call(lambda: dcp.async_save(state, checkpoint_id=tmp_path / f"stock{r}")))
     ours_s, stock_s = statistics.median(ours[1:]), statistics.median(stock[1:])  # the first is a warm-up
     # Stock copies all 80 MiB before returning; we walk the dict. Generous for a loaded 2-core machine.
     assert ours_s < 0.5 * stock_s, (ours, stock)
