@@ -10,11 +10,11 @@ kinds lives in ``test_fuzz_seal_and_links.py``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import pickle
+import re
+import shlex
 import shutil
 from pathlib import Path
 
@@ -24,6 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from conftest import small_config
+from test_cli_edges import cli  # the CLI in this process: exit code, stdout, stderr, never a traceback
 from dcp_datastates import (
     CorruptCheckpointError,
     DataStatesConfig,
@@ -35,7 +36,6 @@ from dcp_datastates import (
 from dcp_datastates import reader as reader_module
 from dcp_datastates import verify as verify_module
 from dcp_datastates.checksums import checksums_of, encode_checksum_file, parse_checksum_file
-from dcp_datastates.cli import main as cli_main
 from dcp_datastates.integrity import KEY_ENV, IntegrityPolicy
 from dcp_datastates.metadata_check import INTEGRITY_ATTR, metadata_digest, seal_metadata
 from dcp_datastates.resume import latest_complete_checkpoint
@@ -81,14 +81,6 @@ def outcome(path: Path, integrity: str = "if-present", key: bytes | None = None)
         assert isinstance(error, DataStatesError), repr(error)
         return type(error).__name__, error
     return "loaded", (out["step"], torch.equal(out["w"], tiny(out["step"])["w"]))
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = cli_main(list(args))
-    assert "Traceback" not in out.getvalue() + err.getvalue()
-    return code, out.getvalue(), err.getvalue()
 
 
 def data_file(path: Path) -> Path:
@@ -359,3 +351,34 @@ def test_a_data_file_swapped_after_the_checks_is_refused_naming_it(saved, tmp_pa
     monkeypatch.setattr(verify_module, "data_file_problems", check_then_swap)
     report = verify_checkpoint(ckpt, policy=IntegrityPolicy())
     assert report.status == DAMAGED and report.problems[0].file == target.name and kind in report.problems[0].reason
+
+
+# -- docs/integrity.md: every code block runs ---------------------------------------------------------
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "integrity.md"
+
+
+def test_the_examples_of_docs_integrity_run(saved, tmp_path, monkeypatch):
+    """Its ``python`` blocks run as written; its ``bash`` block runs on checkpoints made here, each exit as commented."""
+    text = DOCS.read_text()
+    python_blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    (bash_block,) = re.findall(r"```bash\n(.*?)```", text, re.S)
+    assert python_blocks
+    for block in python_blocks:
+        exec(compile(block, str(DOCS), "exec"), {"__name__": "__docs__"})
+    root = tmp_path / "ckpt"
+    root.mkdir()
+    shutil.copytree(saved["keyed"], root / "step-7")
+    shutil.copytree(saved["stock"], root / "stock")
+    forge(Path(shutil.copytree(saved["keyed"], root / "forged")), keep_mac=True)
+    (tmp_path / "key").write_bytes(KEY + b"\n")
+    for line in filter(None, (raw.strip() for raw in bash_block.splitlines())):
+        line = line.replace("/ckpt", str(root)).replace("~/.ckpt.key", str(tmp_path / "key"))
+        exported = re.fullmatch(r'export (\w+)="\$\(cat (\S+)\)"', line)
+        if exported:
+            monkeypatch.setenv(exported[1], Path(exported[2]).read_text().strip())
+            continue
+        command, _, comment = line.partition("#")
+        args = shlex.split(command)
+        assert args[0] == "dcp-datastates", line
+        code, out, err = cli(*args[1:])
+        assert code == int(re.search(r"exit (\d)", comment)[1]), (line, out, err)
