@@ -26,6 +26,7 @@ from dcp_datastates.errors import (
     MissingKeysError,
     UnsafeCheckpointError,
     UnsupportedCheckpointError,
+    UnverifiedCheckpointError,
 )
 from dcp_datastates.guard import install_optimizer_guard, wait_staged
 from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
@@ -49,6 +50,7 @@ __all__ = [
     "MissingKeysError",
     "UnsafeCheckpointError",
     "UnsupportedCheckpointError",
+    "UnverifiedCheckpointError",
     "install_optimizer_guard",
     "wait_staged",
 ]

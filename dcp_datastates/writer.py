@@ -43,7 +43,7 @@ from torch.futures import Future
 
 from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.capture import CapturedState, capture_mutable, skeleton_of
-from dcp_datastates.checksums import FileChecksums, checksum_file_name, write_checksum_file
+from dcp_datastates.checksums import FileChecksums, checksum_file_name, encode_checksum_file
 from dcp_datastates.commit import (
     commit_checkpoint,
     has_complete_checkpoint,
@@ -52,10 +52,12 @@ from dcp_datastates.commit import (
 )
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.dcp_call import find_async_save_call
+from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import DirectoryCheckpointId
-from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError
-from dcp_datastates.held import write_held_file
-from dcp_datastates.metadata_check import expected_checksum_files, seal_metadata
+from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError, DataStatesError
+from dcp_datastates.held import held_file_contents
+from dcp_datastates.integrity import IntegrityPolicy
+from dcp_datastates.metadata_check import seal_metadata
 from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snapshot
 from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.save_claim import DirectoryIdentity, DirectoryLock, SaveClaim
@@ -152,8 +154,15 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         if self._shipped_result is not None:
             directory, result = self._shipped_result
             self._shipped_result = None
-            for name in result.files:
-                (Path(directory) / name).unlink(missing_ok=True)
+            claim = self._claim
+            try:
+                identity = claim.identity if claim is not None and claim.identity.path == Path(directory) \
+                    else DirectoryIdentity.of(Path(directory))
+                with identity.open_dir() as files:
+                    for name in result.files:
+                        files.remove(name)
+            except DataStatesError:
+                pass  # the directory was removed or replaced: nothing of ours is left in it
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -195,7 +204,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self._end_save()  # a claim left by a save that failed before finish()
         prepare_directory(self.path)
         identity = DirectoryIdentity.of(self.path)
-        lock = DirectoryLock(self.path, self.save_id[:8]) if is_coordinator else None
+        lock = DirectoryLock(identity) if is_coordinator else None
         if lock is not None:
             lock.acquire()
         claim = self._claim = SaveClaim(identity, lock, from_stage=from_stage, confirmed=not from_stage)
@@ -223,6 +232,13 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
         snapshot.staged.add_done_callback(on_done)
         snapshot.done.add_done_callback(on_done)
+
+    def _claim_identity(self) -> DirectoryIdentity:
+        """The directory this save claimed (``save_claim``); every file it creates goes through it."""
+        claim = self._claim
+        if claim is not None and claim.identity.path == self.path:
+            return claim.identity
+        return DirectoryIdentity.of(self.path)
 
     def _end_save(self) -> None:
         """Release this writer's claim (idempotent): after the commit, or once the save has failed."""
@@ -303,7 +319,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             planned = plan_snapshot(planner, group, prefix)
             return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
-        snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan)
+        snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan, identity=self._claim_identity())
         snapshot.start(begin_within=0.0 if captured.over_budget else _BEGIN_WITHIN_S)
         self._snapshot = snapshot
         self._release_claim_on_failure(snapshot)
@@ -361,31 +377,16 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             self._end_save()  # finish() will not run: let the next save into this directory in
             raise
         assert os.path.abspath(directory) == os.path.abspath(self.path), (directory, self.path)  # see reset()
-        final: list[Path] = []
+        created: list[str] = []  # ours under their final names: removed if the save fails here
         try:
-            records, checksums = _rename_to_prefix(self.path, result, prefix.prefix, final)
-            held = [item for item in plan.items if item.index not in records]
-            missing = [item.index.fqn for item in held if item.index not in result.held]
-            if missing:
-                raise RuntimeError(
-                    f"items {missing[:5]} were planned but not staged; the state dict changed between "
-                    "async_save's staging and its save"
-                )
-            if held:  # replicated items the global plan gave to this rank: one file, written once
-                name = f"{prefix.prefix}2.distcp"
-                final.append(self.path / name)
-                where, sums = write_held_file(
-                    self.path / name, [result.held[i.index] for i in held], self.config.checksum_block_bytes, self.config.fsync
-                )
-                records.update({index: RecordLocation(name, w.offset, w.length) for index, w in where.items()})
-                checksums[name] = sums
-            if self.config.checksums and checksums:
-                name = checksum_file_name(prefix.prefix)
-                final.append(self.path / name)
-                write_checksum_file(self.path / name, checksums, fsync=self.config.fsync)
+            with self._claim_identity().open_dir() as files:
+                try:
+                    records = self._final_files(files, plan, result, prefix.prefix, created)
+                except BaseException:
+                    for name in created:
+                        files.remove(name)
+                    raise
         except BaseException:
-            for path in final:
-                path.unlink(missing_ok=True)
             self._end_save()
             raise
         result.held = {}  # the copies are written or not ours: release their memory now
@@ -394,6 +395,37 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
+
+    def _final_files(
+        self, files: CheckpointDir, plan: SavePlan, result: SnapshotResult, prefix: str, created: list[str]
+    ) -> dict:
+        """The snapshot's files under the save's prefix, the held items this rank owns, the side file.
+
+        Every file is created through the claimed directory's descriptor, never reusing a name
+        (``dir_files``); ``created`` collects the final names. Returns where each record is.
+        """
+        records, checksums = _rename_to_prefix(files, result, prefix, created)
+        held = [item for item in plan.items if item.index not in records]
+        missing = [item.index.fqn for item in held if item.index not in result.held]
+        if missing:
+            raise RuntimeError(
+                f"items {missing[:5]} were planned but not staged; the state dict changed between "
+                "async_save's staging and its save"
+            )
+        if held:  # replicated items the global plan gave to this rank: one file, written once
+            name = f"{prefix}2.distcp"
+            contents, where, sums = held_file_contents([result.held[i.index] for i in held], self.config.checksum_block_bytes)
+            fd = files.create(name)
+            created.append(name)
+            files.write_into(fd, name, contents, self.config.fsync)
+            records.update({index: RecordLocation(name, w.offset, w.length) for index, w in where.items()})
+            checksums[name] = sums
+        if self.config.checksums and checksums:
+            name = checksum_file_name(prefix)
+            fd = files.create(name)
+            created.append(name)
+            files.write_into(fd, name, encode_checksum_file(checksums), self.config.fsync)
+        return records
 
     def _finished_snapshot(self, plan: SavePlan, planner: SavePlanner) -> tuple[Path, SnapshotResult]:
         """The snapshot ``stage`` started, or -- for ``dcp.save`` -- one run right here."""
@@ -406,7 +438,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             return Path(directory), shipped
         prefix: FilePrefix = plan.storage_data
         layout = plan_layout(planner, plan.items, prefix.prefix)
-        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool)
+        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool,
+                            identity=self._claim_identity())
         snapshot.run()
         return self.path, snapshot.done.result()
 
@@ -432,22 +465,26 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             metadata.storage_data = storage_data
             metadata.storage_meta = self.storage_meta()
             metadata.version = "1.0.0"
-            # Fail closed: seal .metadata's own digest and each checksum side file's SHA-256 into it.
-            seal_metadata(metadata, self.path, expected_checksum_files(self.path, {i.relative_path for i in storage_data.values()}))
             referenced = {info.relative_path for info in storage_data.values()}
             checksum_files = {checksum_file_name(_prefix_of(name)) for name in referenced}
             required = required_sizes((i.relative_path, i.offset, i.length) for i in storage_data.values())
-            if self.config.checksums:  # every rank that wrote data wrote its checksums beside it
-                required |= {name: 1 for name in checksum_files}
-            claim = self._claim
-            identity = claim.identity if claim is not None and claim.identity.path == self.path else None
+            sealed = checksum_files if self.config.checksums else set()
+            required |= {name: 1 for name in sealed}  # every rank that wrote data wrote its checksums beside it
+            key = IntegrityPolicy.of(self.config).key
+
+            def seal(dir_fd: int) -> None:
+                # Fail closed: seal .metadata's digest, each side file's SHA-256 and the seal's own facts
+                # into it (keyed with an integrity key), reading the side files through the claimed directory.
+                seal_metadata(metadata, self.path, sealed, checksums=self.config.checksums, key=key, dir_fd=dir_fd)
+
             commit_checkpoint(
-                identity or DirectoryIdentity.of(self.path),
+                self._claim_identity(),
                 metadata,
                 self.save_id[:8],
                 fsync=self.config.fsync,
                 required=required,
                 keep=referenced | checksum_files,
+                seal=seal,
             )
         finally:
             self._end_save()
@@ -514,20 +551,27 @@ def _save_group(call: Any) -> SaveGroup:
 
 
 def _rename_to_prefix(
-    directory: Path, result: SnapshotResult, prefix: str, renamed: list[Path]
+    files: CheckpointDir, result: SnapshotResult, prefix: str, renamed: list[str]
 ) -> tuple[dict, dict[str, FileChecksums]]:
     """Give a staged snapshot's files the save's one prefix (same directory: an atomic rename).
 
     A snapshot staged by ``async_save`` names its files before the global plan exists;
-    the coordinator's tag reaches every rank only in the global plan.
+    the coordinator's tag reaches every rank only in the global plan. A rename never
+    replaces an entry at the new name (``CheckpointDir.rename_new``); ``renamed`` collects
+    the final names, and on failure the files not yet renamed are removed too.
     """
     names: dict[str, str] = {}
-    for name in result.files:
-        new = prefix + name[len(_prefix_of(name)) :]
-        if new != name:
-            os.rename(directory / name, directory / new)
-        renamed.append(directory / new)
-        names[name] = new
+    try:
+        for name in result.files:
+            new = prefix + name[len(_prefix_of(name)) :]
+            files.rename_new(name, new)
+            renamed.append(new)
+            names[name] = new
+    except BaseException:
+        for name in result.files:
+            if name not in names:
+                files.remove(name)
+        raise
     records = {
         index: RecordLocation(names.get(where.relative_path, where.relative_path), where.offset, where.length)
         for index, where in result.records.items()
