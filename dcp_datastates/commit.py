@@ -92,10 +92,11 @@ def check_files(dir_fd: int, directory: Path, required: dict[str, int]) -> None:
         )
 
 
-def write_temp_metadata(dir_fd: int, tmp_name: str, metadata: Metadata, fsync: bool) -> None:
+def write_temp_metadata(dir_fd: int, tmp_name: str, metadata: Metadata | bytes, fsync: bool) -> None:
+    """``metadata`` pickled -- or, as bytes, already pickled (tier copies publish the very same bytes)."""
     fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=dir_fd)
     with open(fd, "wb") as f:
-        pickle.dump(metadata, f, protocol=pickle.HIGHEST_PROTOCOL)
+        f.write(metadata if isinstance(metadata, bytes) else pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL))
         f.flush()
         if fsync:
             os.fsync(f.fileno())
@@ -132,7 +133,7 @@ def remove_stale_files(dir_fd: int, keep: set[str]) -> list[str]:
 
 def commit_checkpoint(
     identity: DirectoryIdentity,
-    metadata: Metadata,
+    metadata: Metadata | bytes,
     save_tag: str,
     *,
     fsync: bool,

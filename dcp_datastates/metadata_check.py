@@ -388,10 +388,14 @@ def seal_metadata(metadata: Metadata, directory: str | os.PathLike, checksum_fil
     ``checksum_files`` are the side files this save wrote; each is read back and hashed.
     """
     directory = Path(directory)
-    files = {name: sha256_hex(read_regular_file(directory / name, MAX_CHECKSUM_FILE_BYTES, "checksum file"))
-             for name in sorted(set(checksum_files))}
+    seal_metadata_with(metadata, {name: sha256_hex(read_regular_file(directory / name, MAX_CHECKSUM_FILE_BYTES, "checksum file"))
+                                  for name in sorted(set(checksum_files))})
+
+
+def seal_metadata_with(metadata: Metadata, checksum_file_digests: dict[str, str]) -> None:
+    """``seal_metadata`` from side-file digests computed elsewhere (a multi-level save: by the ranks that wrote them)."""
     setattr(metadata, INTEGRITY_ATTR, {"format": INTEGRITY_FORMAT, "metadata_sha256": metadata_digest(metadata),
-                                       "checksum_files": files})
+                                       "checksum_files": dict(sorted(checksum_file_digests.items()))})
 
 
 def expected_checksum_files(directory: str | os.PathLike, data_files: Iterable[str]) -> list[str]:
