@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("dcp_datastates")
 
+#: Room a local save needs beyond its tensor bytes: objects, checksum side file, manifest, ``.metadata``.
+LOCAL_OVERHEAD_BYTES = 256 * 1024
+
 
 @dataclass
 class TierSave:
@@ -99,7 +102,7 @@ def begin(writer: "DataStatesWriter", state_bytes: int, process_group: Any, *, s
             f"{str(shared)!r} already holds a complete checkpoint (.metadata present). Save to a new directory, or pass "
             "DataStatesWriter(path, overwrite=True) to replace it once this save is drained.")
     local = local_step_dir(ml, runtime.node, name)
-    needed = int(state_bytes * ml.free_space_margin) + (1 << 20)
+    needed = int(state_bytes * ml.free_space_margin) + LOCAL_OVERHEAD_BYTES
     free = _free_bytes(local.parent)
     fits = runtime.agree_min(int(free >= needed))
     if not fits:

@@ -23,7 +23,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 warnings.filterwarnings("ignore")
-os.environ["DCP_DATASTATES_NODE"] = f"n{os.environ['RANK']}"  # one simulated node per rank
+if "RANK" in os.environ:  # under torchrun (the test imports full() from here too)
+    os.environ["DCP_DATASTATES_NODE"] = f"n{os.environ['RANK']}"  # one simulated node per rank
 
 from dcp_datastates import DataStatesConfig, DataStatesWriter  # noqa: E402
 from dcp_datastates import drain, partner  # noqa: E402
