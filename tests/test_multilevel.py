@@ -295,6 +295,23 @@ def test_a_failed_commit_leaves_no_tier_copy_and_the_next_save_works(tmp_path, s
     assert_loads(tmp_path / "shared/step-3", 3)
 
 
+def test_a_flipped_bit_in_the_local_copy_is_caught_and_the_file_comes_from_the_next_copy(tmp_path, solo, caplog):
+    config = ml_config(tmp_path)
+    async_save(tmp_path, 1, config)
+    assert flush_tiers(60)
+    victim = sorted((tmp_path / "local/solo/step-1").glob("__0_*_0.distcp"))[0]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0x10  # same size: only the block checksums can tell
+    victim.write_bytes(bytes(data))
+    out = {"w": torch.zeros(3000), "step": -1}
+    with caplog.at_level(logging.WARNING, logger="dcp_datastates"):
+        result = restore(out, tmp_path / "shared", config)
+    assert "found damaged copies" in caplog.text
+    assert result.step == 1 and result.attempts == 2 and result.bytes_shared > 0
+    assert result.sources[victim.name] == "shared"
+    assert out["step"] == 1 and torch.equal(out["w"], values(1)["w"])
+
+
 def test_a_save_that_does_not_fit_locally_goes_to_the_shared_path_with_a_warning(tmp_path, solo, monkeypatch, caplog):
     """Injected: the local disk reports no free space (the real tmpfs case is the next test)."""
     monkeypatch.setattr(tier_save, "_free_bytes", lambda directory: 0)

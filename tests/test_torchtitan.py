@@ -35,6 +35,28 @@ def test_torchtitan_checkpoint_manager_saves_and_resumes_through_datastates(tmp_
     assert f"torchtitan {async_mode} OK: resumed at step 6" in proc.stdout
 
 
+def test_torchtitan_multilevel_saves_locally_drains_and_resumes_from_the_local_tier(tmp_path):
+    proc = subprocess.run([sys.executable, str(DRIVER), str(tmp_path), "async", "multilevel"], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "local kept ['step-4', 'step-6']" in proc.stdout
+    assert "torchtitan async multilevel OK: resumed at step 6" in proc.stdout
+
+
+def test_multilevel_fields_are_validated():
+    from dcp_datastates.integrations.torchtitan import DataStatesCheckpointManager
+
+    config = DataStatesCheckpointManager.Config(datastates_local_dir="/nvme/{node}/ckpt", datastates_drain_every=3,
+                                                datastates_drain_policy="skip")
+    ml = config.datastates_config().multilevel
+    assert (ml.local_dir, ml.drain_every, ml.drain_policy, ml.partners, ml.keep_local) == ("/nvme/{node}/ckpt", 3, "skip", 1, 2)
+    assert DataStatesCheckpointManager.Config().datastates_config().multilevel is None
+    with pytest.raises(ValueError, match="not 'async_with_pinned_mem'"):
+        DataStatesCheckpointManager.Config(datastates_local_dir="/nvme/{node}", async_mode="async_with_pinned_mem")
+    with pytest.raises(ValueError, match="absolute path"):
+        DataStatesCheckpointManager.Config(datastates_local_dir="nvme/{node}")
+
+
 def test_storage_backend_switch_is_validated():
     from dcp_datastates.integrations.torchtitan import DataStatesCheckpointManager
 
