@@ -144,7 +144,12 @@ class DataStatesCheckpointManager(CheckpointManager):
         if not (self.use_datastates and self.datastates_config.multilevel is not None):
             return super()._find_load_step(folder)
         choice = find_restorable(folder or self.folder, self.datastates_config)
-        return -1 if choice is None else choice.step
+        if choice is None:
+            return -1
+        # torchtitan's _load insists that the step's folder exists; a step not drained yet has none
+        # (an empty directory is no checkpoint to any reader: no .metadata)
+        os.makedirs(self._create_checkpoint_id(choice.step, folder), exist_ok=True)
+        return choice.step
 
     def dcp_load(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
         if from_hf or not self.use_datastates:
