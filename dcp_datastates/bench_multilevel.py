@@ -115,11 +115,13 @@ def _run(args: argparse.Namespace) -> int:
     if rank == 0:
         print(f"\nmulti-level benchmark: {args.nodes} simulated nodes x 1 rank, {args.mib} MiB per rank, "
               f"median of {args.repeats}, slowest rank")
-        print(f"{'':44s} {'seconds':>9s} {'GiB/s (job)':>12s}")
+        print(f"{'':52s} {'seconds':>9s} {'GiB/s (job)':>12s}")
         total = args.mib * args.nodes / 1024
         for name in rows:
             seconds = max(m[name] for m in worst)
-            print(f"{name:44s} {seconds:9.3f} {total / seconds if seconds else float('inf'):12.2f}")
+            print(f"{name:52s} {seconds:9.3f} {total / seconds if seconds else float('inf'):12.2f}")
+            if os.environ.get("BENCH_RAW"):
+                print("   raw", [round(x, 3) for x in rows[name]])
     dist.barrier()
     dist.destroy_process_group()
     return 0
