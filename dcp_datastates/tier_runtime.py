@@ -287,7 +287,7 @@ class TierRuntime:
             return
         drain = DrainJob(job.seq, job.name, ml.drain_policy, job.local_dir, job.shared_dir, sorted(job.reports[self.rank].files),
                          _required(job.reports, range(len(job.reports))), data, job.save_tag, job.overwrite, job.config.fsync,
-                         Pin(job.local_dir))
+                         _pin(job.local_dir))
         drain.result.add_done_callback(lambda f: outcome.drain.set_result(f.result()) if not outcome.drain.done() else None)
         self.drainer.submit(drain)
 
@@ -302,6 +302,15 @@ class TierRuntime:
             self._stopped = True
             self._cv.notify_all()
         self.drainer.stop()
+
+
+def _pin(directory: Path) -> Pin | None:
+    """Pin a local copy for its drain; never raise: every rank must hand the drain over (the drains agree)."""
+    try:
+        return Pin(directory)
+    except OSError as exc:
+        logger.warning("dcp_datastates: cannot pin %s for its drain (%s); pruning may remove it first", directory, exc)
+        return None
 
 
 def _required(reports: list[RankFiles], ranks: Any) -> dict[str, int]:
