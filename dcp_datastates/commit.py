@@ -110,9 +110,11 @@ def temp_metadata_name(save_tag: str) -> str:
     return f"{METADATA_FILE}.{save_tag}.{secrets.token_hex(16)}.tmp"
 
 
-def write_temp_metadata(dir_fd: int, tmp_name: str, metadata: Metadata, fsync: bool, directory: Path) -> None:
-    """Pickle ``metadata`` into a new file ``tmp_name`` (created exclusively, never through a link)."""
-    CheckpointDir(dir_fd, directory).write_new(tmp_name, pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL), fsync)
+def write_temp_metadata(dir_fd: int, tmp_name: str, metadata: Metadata | bytes, fsync: bool, directory: Path) -> None:
+    """Write ``metadata`` pickled -- or, as bytes, already pickled (tier copies publish the very same bytes) --
+    into a new file ``tmp_name`` (created exclusively, never through a link)."""
+    data = metadata if isinstance(metadata, bytes) else pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+    CheckpointDir(dir_fd, directory).write_new(tmp_name, data, fsync)
 
 
 def publish(dir_fd: int, tmp_name: str) -> None:
@@ -150,7 +152,7 @@ def remove_stale_files(dir_fd: int, keep: set[str]) -> list[str]:
 
 def commit_checkpoint(
     identity: DirectoryIdentity,
-    metadata: Metadata,
+    metadata: Metadata | bytes,
     save_tag: str,
     *,
     fsync: bool,

@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretBytes, field_validator,
 
 from dcp_datastates.integrity import KEY_ENV, MIN_KEY_BYTES
 
+from dcp_datastates.tiers import MultiLevelConfig
+
 #: O_DIRECT needs buffers, offsets and lengths aligned to the logical block size.
 #: 4096 covers every device we know of (512e and 4Kn disks, NVMe, ext4/xfs).
 DIRECT_IO_ALIGNMENT = 4096
@@ -92,6 +94,12 @@ class DataStatesConfig(BaseModel):
         True,
         description="Compute XXH64 checksums of every data-file block while staging and store them in a "
         "per-rank side file (stock DCP ignores it); DataStatesReader and `dcp-datastates verify` check them.",
+    )
+    multilevel: MultiLevelConfig | None = Field(
+        None,
+        description="Multi-level checkpoints (docs/multilevel.md): commit to a node-local directory first, keep a "
+        "partner copy on another node, drain to the checkpoint_id (shared path) in the background. None: "
+        "every save goes straight to the checkpoint_id.",
     )
 
     # -- integrity policy and keyed seal (docs/integrity.md) ------------------------------------------

@@ -444,6 +444,14 @@ def seal_metadata(
     directory = Path(directory)
     files = {name: sha256_hex(read_regular_file(directory / name, MAX_CHECKSUM_FILE_BYTES, "checksum file", dir_fd))
              for name in sorted(set(checksum_files))}
+    seal_metadata_with(metadata, files, checksums=checksums, key=key)
+
+
+def seal_metadata_with(
+    metadata: Metadata, checksum_file_digests: dict[str, str], *, checksums: bool | None = None, key: bytes | None = None
+) -> None:
+    """``seal_metadata`` from side-file digests computed elsewhere (a multi-level save: by the ranks that wrote them)."""
+    files = dict(sorted(checksum_file_digests.items()))
     record: dict[str, Any] = {"format": INTEGRITY_FORMAT, "metadata_sha256": "", "checksum_files": files,
                               "checksums": bool(files) if checksums is None else checksums,
                               "key_id": None if key is None else key_id(key), "mac": None}

@@ -270,14 +270,14 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         sizes: dict[str, int] = {}
         for relative_path, fqn in first_key.items():
             try:
-                info = os.lstat(self.path / relative_path)
+                info = os.lstat(self._data_path(relative_path))
             except FileNotFoundError as exc:
                 raise CheckpointIOError(
                     f"data file {relative_path!r} of checkpoint {str(self.path)!r} is missing "
                     f"(needed by {fqn!r}); the checkpoint is damaged"
                 ) from exc
             if not stat.S_ISREG(info.st_mode):
-                raise _not_regular(str(self.path / relative_path), "a symbolic link" if stat.S_ISLNK(info.st_mode)
+                raise _not_regular(str(self._data_path(relative_path)), "a symbolic link" if stat.S_ISLNK(info.st_mode)
                                    else "not a regular file")
             sizes[relative_path] = info.st_size
             self._check_size(relative_path, sizes[relative_path], fqn)
@@ -293,6 +293,10 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                         "is damaged"
                     )
         self._stream(read_plan, planner, tee)
+
+    def _data_path(self, relative_path: str) -> Path:
+        """Where a data file is read from (a multi-level restore reads each from its nearest copy)."""
+        return self.path / relative_path
 
     def _check_size(self, relative_path: str, size: int, fqn: str) -> None:
         checksums = self.checksums.get(relative_path)
@@ -320,7 +324,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         last_window = {w.file_index: i for i, w in enumerate(read_plan.windows)}
 
         def open_file(index: int) -> tuple[int, str]:
-            path = str(self.path / read_plan.files[index].relative_path)
+            path = str(self._data_path(read_plan.files[index].relative_path))
             if index not in opened:
                 try:
                     fd = open_for_read(path, config.direct_io).fd
@@ -353,6 +357,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                     relative_path = read_plan.files[window.file_index].relative_path
                     stats.windows += 1
                     stats.bytes_read += landed.valid
+                    stats.bytes_by_file[relative_path] = stats.bytes_by_file.get(relative_path, 0) + landed.valid
                     if landed.valid < window.end - window.start:
                         raise CheckpointIOError(
                             f"{relative_path} shrank while being read: wanted {window.end - window.start} bytes at "
@@ -446,6 +451,7 @@ class ReadStats:
     bytes_read: int = 0
     bytes_verified: int = 0
     bytes_received: int = 0  # replicated records received from the rank that read them
+    bytes_by_file: dict[str, int] = dataclasses.field(default_factory=dict)  # bytes_read, per data file
     records: int = 0
     framed: int = 0  # tensor records decoded from our framing straight into their destination
     wait_seconds: float = 0.0  # waiting for reads to land

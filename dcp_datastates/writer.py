@@ -54,6 +54,7 @@ from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.dcp_call import find_async_save_call
 from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import DirectoryCheckpointId
+from dcp_datastates import tier_save
 from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError, DataStatesError
 from dcp_datastates.held import held_file_contents
 from dcp_datastates.integrity import IntegrityPolicy
@@ -62,6 +63,7 @@ from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snap
 from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.save_claim import DirectoryIdentity, DirectoryLock, SaveClaim
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotPlan, SnapshotResult
+from dcp_datastates.tiers import TierConfigError
 
 
 logger = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self._snapshot: Snapshot | None = None
         self._shipped_result: tuple[str, SnapshotResult] | None = None
         self._claim: SaveClaim | None = None  # the running save's hold on its directory (save_claim.py)
+        self._tier: tier_save.TierSave | None = None  # the running multi-level save (config.multilevel; tier_save.py)
 
     # -- StorageWriter: set-up and planning ------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -125,6 +128,10 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         across directories: the save is refused and the snapshot's files removed.
         """
         staged_in = self._staged_directory()
+        if self._tier is not None:  # multi-level: stage() put the files in the local tier, for this checkpoint_id
+            if self._tier.staged and staged_in is not None and self._tier.matches(checkpoint_id):
+                return
+            self.path, self._tier = self._tier.shared_path, None
         if checkpoint_id:
             target = Path(checkpoint_id)
             if staged_in is not None and os.path.abspath(target) != os.path.abspath(staged_in):
@@ -174,7 +181,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             )
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
+        path = self._tier.shared_path if self._tier is not None else self.path  # multi-level: the shared path names it
+        return StorageMeta(checkpoint_id=str(path), save_id=self.save_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Claim the directory for this save -- or, after ``stage()`` claimed it, check it is still there.
@@ -192,6 +200,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 self._end_save()
                 raise
         else:
+            if self.config.multilevel is not None:  # dcp.save: we are on the caller's thread
+                self._tier = tier_save.begin(self, tier_save.plan_bytes(plan), None, staged=False)
             self._begin_save(self.is_coordinator, from_stage=False)
         return dataclasses.replace(plan, storage_data=self._staged_items())  # what this rank staged (replicas)
 
@@ -299,10 +309,14 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 "the previous save's upload_completion before reusing it"
             )
         call = find_async_save_call(self)
+        if self._tier is not None:  # a previous multi-level save of this writer moved its path to the local tier
+            self.path, self._tier = self._tier.shared_path, None
         if call is not None and call.checkpoint_id:
             self.path = Path(call.checkpoint_id)  # checkpoint_id wins, decided now: the files are written there
         group = _save_group(call)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if self.config.multilevel is not None:  # decides where the files go: this node's local tier, or the shared path
+            self._tier = tier_save.begin(self, tier_save.state_bytes(state_dict), call.process_group if call else None, staged=True)
         self._begin_save(rank == 0)  # fail now, in the caller, on a bad, occupied or busy path
         budget = _capture_budget(self.config)
         try:
@@ -356,6 +370,10 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
     def __getstate__(self) -> dict[str, Any]:
         # AsyncCheckpointerType.PROCESS ships the writer to a daemon process: hand over the
         # finished snapshot's record locations (plain data), never threads or buffers.
+        if self._tier is not None:
+            raise TierConfigError(
+                "multi-level checkpoints run their tier work in this process; use dcp.async_save with the default "
+                "AsyncCheckpointerType.THREAD (not PROCESS), or dcp.save")
         state = dict(self.__dict__)
         snapshot = state.pop("_snapshot", None)
         state["_shipped_result"] = None
@@ -370,6 +388,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
     # -- StorageWriter: the write step -------------------------------------------------------
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        if self._tier is not None and self._tier.local:  # multi-level: write, agree, hand to the tier worker
+            return tier_save.write_data(self._tier, self, plan, planner)
+        return self._write_files(plan, planner)
+
+    def _write_files(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix: FilePrefix = plan.storage_data
         try:
             directory, result = self._finished_snapshot(plan, planner)
@@ -460,6 +483,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
     # -- StorageWriter: the commit step ------------------------------------------------------
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit (coordinator only): check the files, then publish ``.metadata`` atomically (``commit.py``)."""
+        if self._tier is not None and self._tier.local:  # multi-level: seal, commit locally, hand to the tier worker
+            return tier_save.finish(self._tier, self, metadata, results)
         try:
             storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
             metadata.storage_data = storage_data
