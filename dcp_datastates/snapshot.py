@@ -35,7 +35,7 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItem
 
-from dcp_datastates import capture
+from dcp_datastates import step_guard
 from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.checksums import FileChecksums, checksums_of
 from dcp_datastates.chunk_stream import ChunkedFileStream, check_still_linked
@@ -67,9 +67,9 @@ def any_reading_live_state() -> bool:
     return bool(_in_flight)
 
 
-# Every torch.optim step waits while a snapshot of this process reads live state (see capture).
-capture._wait_for_snapshots = wait_all_staged
-capture._snapshots_reading = any_reading_live_state
+# Every torch.optim step waits while a snapshot of this process reads live state (see step_guard).
+step_guard.wait_for_snapshots = wait_all_staged
+step_guard.snapshots_reading = any_reading_live_state
 
 
 @dataclass

@@ -48,6 +48,37 @@ def load_binding() -> Any:
         return _binding
 
 
+_problem_lock = threading.Lock()
+_problem: list[str | None] = []  # [] until probed, then [reason or None]
+
+
+def io_uring_problem() -> str | None:
+    """Why an io_uring ring cannot be used in this process, or ``None`` where it can (probed once, cached).
+
+    Imports the binding and sets up (and tears down) a two-entry ring: the same two steps
+    that fail where liburing is not installed, or where ``kernel.io_uring_disabled`` or a
+    seccomp filter refuses the ring. Milliseconds, once per process.
+    """
+    with _problem_lock:
+        if not _problem:
+            _problem.append(_probe())
+        return _problem[0]
+
+
+def _probe() -> str | None:
+    try:
+        liburing = load_binding()
+    except Exception as exc:  # ImportError, or a binding that fails to load
+        return f"the liburing binding cannot be imported ({exc})"
+    ring = liburing.io_uring()
+    try:
+        liburing.io_uring_queue_init(2, ring, 0)
+    except OSError as exc:  # ENOSYS (seccomp), EPERM (kernel.io_uring_disabled), ENOMEM
+        return f"io_uring_queue_init failed: {exc}"
+    liburing.io_uring_queue_exit(ring)
+    return None
+
+
 @dataclass
 class InFlight:
     """One request on the ring: ``done`` bytes already transferred (the rest is resubmitted)."""
