@@ -23,8 +23,10 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import contextlib
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import Metadata
@@ -138,8 +140,13 @@ def commit_checkpoint(
     fsync: bool,
     required: dict[str, int],
     keep: set[str],
+    commit_point: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> list[str]:
     """Run steps 2-5 of the protocol; return the stale files removed.
+
+    ``commit_point`` (the save's ``InFlightSave.commit_point``) is entered around the
+    rename alone: it refuses a save abandoned by then, and makes later abandonment
+    wait for -- and give way to -- the rename.
 
     Raises :class:`CheckpointDirectoryChangedError` (nothing published) when the directory
     or a file vanished, and :class:`CheckpointIOError` when the directory fsync fails after
@@ -153,7 +160,8 @@ def commit_checkpoint(
         tmp_name = f"{METADATA_FILE}.{save_tag}.tmp"
         try:
             write_temp_metadata(dir_fd, tmp_name, metadata, fsync)
-            publish(dir_fd, tmp_name)
+            with commit_point() if commit_point is not None else contextlib.nullcontext():
+                publish(dir_fd, tmp_name)
         except BaseException as exc:
             try:
                 os.unlink(tmp_name, dir_fd=dir_fd)

@@ -44,7 +44,8 @@ from dcp_datastates.framing import tensor_bytes_view
 from dcp_datastates.held import HeldItem
 from dcp_datastates.layout import RankLayout
 from dcp_datastates.native import create_engine, open_for_write
-from dcp_datastates.shutdown import check_not_abandoned
+from dcp_datastates.shutdown import InFlightSave, check_not_abandoned
+from dcp_datastates.native.workers import start_without_interrupts
 
 Resolver = Callable[[WriteItem], "torch.Tensor | io.BytesIO"]
 #: The pool for a state of this many tensor bytes (the pool helper may size it to the state).
@@ -120,9 +121,15 @@ class Snapshot:
         pool: HostBufferPool | PoolFor,
         *,
         plan: Callable[[], SnapshotPlan] | None = None,
+        interrupt: InFlightSave | None = None,
     ) -> None:
-        """Either ``layout`` and ``resolve`` (planned already), or ``plan``, run first on the snapshot's thread."""
+        """Either ``layout`` and ``resolve`` (planned already), or ``plan``, run first on the snapshot's thread.
+
+        ``interrupt``: the save this snapshot belongs to; once it is abandoned every stage stops
+        at its next step and the snapshot removes its files.
+        """
         self.directory = directory
+        self.interrupt = interrupt
         self._plan = plan
         self.held: list[WriteItem] = []
         self._private_ids: set[int] = set()
@@ -160,6 +167,10 @@ class Snapshot:
         with _in_flight_lock:
             _in_flight.add(self)
         self.staged.add_done_callback(lambda _: self._leave_in_flight())
+        if self.interrupt is not None:  # a SIGTERM handler waits for this thread to stop (and clean up)
+            stopped = threading.Event()
+            self.interrupt.workers.append(stopped)
+            self.done.add_done_callback(lambda _: stopped.set())
         if not begin_within:
             self._begin.set()
 
@@ -168,7 +179,7 @@ class Snapshot:
             self.run()
 
         self._thread = threading.Thread(target=run_when_begun, name="dcp-datastates-snapshot", daemon=True)
-        self._thread.start()
+        start_without_interrupts(self._thread)
         return self
 
     def begin(self) -> None:
@@ -184,6 +195,7 @@ class Snapshot:
         result = SnapshotResult()
         checksums: dict[str, FileChecksums] = {}
         try:
+            check_not_abandoned(self.interrupt)
             if self._plan is not None:
                 self._set_plan(self._plan())  # DCP's local plan and the layout: here, off the caller's thread
             self._pool = self._pool_for(self.layout.tensor_file_bytes)
@@ -228,7 +240,7 @@ class Snapshot:
         contents = bytearray()
         try:
             for item in self.layout.object_items:
-                check_not_abandoned()
+                check_not_abandoned(self.interrupt)
                 payload = self._resolve(item).getbuffer()  # type: ignore[union-attr]
                 result.records[item.index] = RecordLocation(self.layout.object_file, len(contents), len(payload))
                 contents += payload
@@ -266,7 +278,7 @@ class Snapshot:
             block_bytes = self._config.checksum_block_bytes
             copy_stream = self._copy_stream()
             stream = ChunkedFileStream(
-                target, engine, self._pool, block_bytes if self._config.checksums else None, copy_stream
+                target, engine, self._pool, block_bytes if self._config.checksums else None, copy_stream, self.interrupt
             )
             try:
                 # On the copy stream, a non-contiguous tensor's packing copy also stays off the training stream.
@@ -395,7 +407,7 @@ class _ObjectsThread:
                 self._error = exc
 
         self._thread = threading.Thread(target=run, name="dcp-datastates-objects", daemon=True)
-        self._thread.start()
+        start_without_interrupts(self._thread)
 
     def join(self) -> None:
         self._thread.join()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcp_datastates.native.engine import EngineUnavailable
+from dcp_datastates.native.workers import start_without_interrupts
 
 _WAKE_UP = 0  # user_data reserved for "no request": never assigned to an operation
 
@@ -111,7 +112,7 @@ class RingEngine:
         self._next_id = 1
         self._closing = False
         self._reaper = threading.Thread(target=self._reap_forever, name=thread_name, daemon=True)
-        self._reaper.start()
+        start_without_interrupts(self._reaper)
 
     # -- what the engines say -------------------------------------------------------------
     @abstractmethod
