@@ -104,7 +104,9 @@ def child(round_: dict, tell) -> None:
         with unwrap_errors():
             dcp.save(new_state, storage_writer=writer, no_dist=True)
     else:
-        dcp.async_save(new_state, storage_writer=writer, no_dist=True)
+        response = dcp.async_save(new_state, storage_writer=writer, no_dist=True)
+        if round_.get("wait") == "future":
+            response.upload_completion.result()  # the signal lands while the program waits for the save
     time.sleep(TIMEOUT)  # "training" until the signal arrives
     raise SystemExit(99)  # not interrupted: the round failed
 
