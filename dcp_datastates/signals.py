@@ -156,9 +156,41 @@ def _handle(signum: int, frame: FrameType | None) -> None:
         save.remove_files()  # safe at any time: nothing of a cancelled save will be published
         if save.driver is here:  # dcp.save on this thread: KeyboardInterrupt unwinds it, nothing more runs
             _release(save)
+    if _in_async_save_bookkeeping(frame):
+        # dcp.async_save is starting its upload thread after our stage() returned: a KeyboardInterrupt
+        # there would leave a half-registered executor thread that the interpreter then waits for
+        # forever. The saves are abandoned already; the KeyboardInterrupt comes a moment later.
+        _send_again_soon(signum)
+        return
     restore_when_idle()
     previous = _replaced.get(signum, signal.default_int_handler)
     previous(signum, frame)  # raises KeyboardInterrupt
+
+
+def _in_async_save_bookkeeping(frame: FrameType | None) -> bool:
+    """Whether ``frame`` is inside ``dcp.async_save`` but not inside our ``stage()`` (which cleans up after itself)."""
+    from dcp_datastates.dcp_call import ASYNC_SAVE_CODE
+    from dcp_datastates.writer import DataStatesWriter
+
+    stage_code = DataStatesWriter.stage.__code__
+    for _ in range(64):
+        if frame is None:
+            return False
+        if frame.f_code is stage_code:
+            return False
+        if frame.f_code is ASYNC_SAVE_CODE:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _send_again_soon(signum: int) -> None:
+    main = threading.main_thread().ident
+    timer = threading.Timer(0.01, signal.pthread_kill, (main, signum))
+    timer.daemon = True
+    from dcp_datastates.native.workers import start_without_interrupts
+
+    start_without_interrupts(timer)
 
 
 def _terminate(signum: int, cancelled: list[InFlightSave]) -> None:

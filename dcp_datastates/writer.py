@@ -359,8 +359,9 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         it halfway, leaving a partial data file.
         """
         interrupt, snapshot = self._interrupt, self._snapshot
-        if interrupt is not None:
-            interrupt.cancel(f"async_save's staging failed ({type(exc).__name__})")
+        if interrupt is not None and interrupt.cancel(f"stage() ended by {type(exc).__name__}"):
+            logger.warning("dcp_datastates: abandoning in-flight checkpoint saves (stage() ended by %s): %s",
+                           type(exc).__name__, self.path)
         self._snapshot = None
         if snapshot is not None:
             snapshot.begin()

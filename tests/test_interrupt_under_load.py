@@ -13,6 +13,9 @@ fastest possible save) and is signalled at a random moment of it:
 * ``commit``: the upload thread is held right before the commit until the signal is handled:
   the commit must refuse the abandoned save.
 
+Two more rounds run under the program's own SIGINT handler, which raises ``KeyboardInterrupt``
+(``stage()`` must then stop its own snapshot) or first calls ``abandon_in_flight_saves()``.
+
 Half the rounds overwrite a complete checkpoint (``overwrite=True``), half save into a new
 directory. After every round: the process died of its signal (-2 / -15) within seconds; the
 overwritten checkpoint is byte-for-byte what it was (same files, same ``.metadata``) and loads
@@ -39,7 +42,8 @@ DRIVER = Path(__file__).parent / "signal_scripts" / "interrupt_rounds.py"
 N = 200_000  # floats per tensor: 4 tensors x 800 KB = 100 writes of 32 KiB
 WRITE_DELAY = 0.06  # seconds per write: >= 100 x 0.06 / 4 writers = 1.5 s for the fastest save
 SIGNALS = ["SIGINT", "SIGTERM"]
-#: scenario -> rounds per signal: 3 x 3 x 2 + 1 x 2 = 20 rounds (the held commit is deterministic)
+#: scenario -> rounds per signal: 3 x 3 x 2 + 1 x 2 = 20 rounds (the held commit is deterministic), plus 2 rounds
+#: under the program's own SIGINT handler (ours is not installed then)
 ROUNDS = {"lazy": 3, "sync-staged": 3, "sync": 3, "commit": 1}
 EXIT = {"SIGINT": -2, "SIGTERM": -15}
 
@@ -70,6 +74,11 @@ def test_sigint_and_sigterm_abandon_every_save_on_a_loaded_machine(tmp_path):
             "delay": 0.0 if scenario == "commit" else round(rng.uniform(0.0, 0.45), 3),
             "wait": "future" if i % 3 == 1 else "sleep",  # async: "training" on, or waiting for upload_completion
         })
+    for handler, scenario in (("own-raise", "sync-staged"), ("own-abandon", "lazy")):  # the program's own SIGINT handler
+        directory = tmp_path / f"round-{len(rounds):02d}"
+        shutil.copytree(template.parent, directory)
+        rounds.append({"dir": str(directory), "scenario": scenario, "signal": "SIGINT", "target": "overwrite",
+                       "engine": "threads", "delay": round(rng.uniform(0.0, 0.45), 3), "wait": "sleep", "handler": handler})
     spec = tmp_path / "rounds.json"
     spec.write_text(json.dumps({"rounds": rounds, "floats": N, "write_delay": WRITE_DELAY, "timeout": 60, "parallel": 6}))
 

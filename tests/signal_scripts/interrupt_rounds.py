@@ -82,6 +82,19 @@ def child(round_: dict, tell) -> None:
 
     writer_module.begin_save = begin_and_tell
     new_state = state(2.0)
+    if round_.get("handler") == "own-raise":  # the program's own handler: ours stays out of the way
+        def own(signum, frame):
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, own)
+    elif round_.get("handler") == "own-abandon":  # ... and one that abandons the saves itself, as documented
+        from dcp_datastates import abandon_in_flight_saves
+
+        def own(signum, frame):
+            abandon_in_flight_saves("the program's SIGINT handler")
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGINT, own)
     # no checksums: a fresh process would spend its first seconds loading the numba kernels
     config = DataStatesConfig(io_engine=round_["engine"], chunk_bytes=32768, host_pool_bytes=4 * 32768, checksums=False)
     target = os.path.join(round_["dir"], "step-1" if round_["target"] == "overwrite" else "step-2")
