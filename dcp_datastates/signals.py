@@ -98,7 +98,8 @@ def _watcher(read_end: int, main_ident: int) -> None:
             data = os.read(read_end, 64)
         except OSError:  # closed: our wakeup fd was removed
             return
-        if not data:
+        if not data:  # the write end was closed: our wakeup fd was removed
+            os.close(read_end)
             return
         for signum in data:
             if signum not in _DEFAULTS:
