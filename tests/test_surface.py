@@ -158,7 +158,7 @@ def test_inspect_costs_little_more_than_importing_torch_and_a_closed_pipe_ends_i
              no_dist=True)
     baseline, _ = best_of_3([sys.executable, "-c", "import torch.distributed.checkpoint"])
     seconds, proc = best_of_3([*CLI, "inspect", str(path)])
-    assert proc.returncode == 0 and keys[-1] in proc.stdout and len(proc.stdout) > 2 * 65536, proc.stderr
+    assert proc.returncode == 0 and keys[-1] in proc.stdout and len(proc.stdout) > 65536, proc.stderr  # a pipe holds 64 KiB
     assert seconds < baseline + 1.0, (seconds, baseline)  # < 3 s where torch imports in < 2 s
     # `inspect ... | head -1`: the reader goes away after one line of 1,500
     reader = subprocess.Popen([*CLI, "inspect", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
