@@ -367,7 +367,7 @@ def main(argv: list[str] | None = None) -> None:
             mean = statistics.mean(r.stalls) * 1000 if r.stalls else 0.0
             worst = max(r.stalls) * 1000 if r.stalls else 0.0
             print(f"{r.method:<36}{r.median:>9.2f}{(r.median - base) / base:>10.1%}{mean:>17.0f}{worst:>9.0f}")
-        print(f"benchmark wall time {time.perf_counter() - started:.0f} s (set-up, warm-ups and every run)")
+        print(f"[benchmark wall time {time.perf_counter() - started:.0f} s: set-up, warm-ups and every run]", file=sys.stderr)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

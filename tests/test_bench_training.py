@@ -17,8 +17,8 @@ def test_training_benchmark_reports_every_method(tmp_path, dtype):
            "--chunk", "1MiB", "--dir", str(tmp_path)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "median of 2 run(s) each" in done.stdout and "benchmark wall time" in done.stdout.splitlines()[-1]
-    rows = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()[2:-1]}
+    assert "median of 2 run(s) each" in done.stdout and "[benchmark wall time" in done.stderr.splitlines()[-1]
+    rows = {line.split("  ")[0].strip(): line for line in done.stdout.splitlines()[2:]}
     assert set(rows) == {"none", "DataStatesWriter async", "stock async_save + DefaultStager", "stock FileSystemWriter"}
     assert "checkpoint every 2" in done.stdout and f"{dtype} parameters" in done.stdout
     assert list(tmp_path.iterdir()) == []
