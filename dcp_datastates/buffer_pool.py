@@ -29,6 +29,7 @@ from typing import ClassVar
 import torch
 
 from dcp_datastates.pool_sizing import HostMemory, buffers_for, host_memory, size_pool
+from dcp_datastates.native.workers import start_without_interrupts
 
 logger = logging.getLogger("dcp_datastates")
 
@@ -186,7 +187,7 @@ class HostBufferPool:
         """Start the filler thread unless it runs or nothing is missing (caller holds ``_cond``)."""
         if self._filler is None and len(self._buffers) < self._target:
             self._filler = threading.Thread(target=self._fill, name="dcp-datastates-pool-fill", daemon=True)
-            self._filler.start()
+            start_without_interrupts(self._filler)
 
     def _fill(self) -> None:
         _filling.add(self)

@@ -31,64 +31,29 @@ How a capture copies:
   snapshot has copied everything through the pool (exact, memory bounded by the pool,
   not lazy). Memory never grows by more than the pool plus the budget per save.
 
-The step guard is one global optimizer pre-step hook, registered when this module is
-imported and never removed. Installing it when a save starts and removing it when the last
-one finishes would remove an entry of ``torch.optim``'s global hook dict from the snapshot
-thread while the training thread iterates over that dict inside ``optimizer.step()`` --
-exactly when the hook is waiting -- and make ``step()`` raise "OrderedDict mutated during
-iteration". Outside a save the hook costs a weak-set insert and one truth test per step.
+The step guard itself (a global optimizer pre-step hook that also notes each optimizer it
+sees stepping) lives in ``step_guard``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import threading
-import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.distributed.tensor import DTensor
+
+from dcp_datastates.step_guard import known_optimizers, note_optimizer  # noqa: F401 - note_optimizer re-exported
 
 logger = logging.getLogger(__name__)
 
 #: Python objects that cannot change in place: shared with the snapshot as they are.
 _IMMUTABLE = (int, float, bool, complex, str, bytes, type(None), torch.dtype, torch.device, torch.Size)
 
-_known_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
-_known_lock = threading.Lock()
 _warned_no_optimizer = False
-
-#: Set by ``snapshot`` at import: blocks until no snapshot of this process reads live state.
-_wait_for_snapshots: Callable[[], None] | None = None
-#: Set by ``snapshot``: whether a snapshot of this process still reads live state.
-_snapshots_reading: Callable[[], bool] = lambda: False
-
-
-def note_optimizer(optimizer: torch.optim.Optimizer) -> None:
-    """Treat ``optimizer``'s parameters and state as guarded (their writes wait for snapshots)."""
-    with _known_lock:
-        _known_optimizers.add(optimizer)
-
-
-def known_optimizers() -> list[torch.optim.Optimizer]:
-    with _known_lock:
-        return list(_known_optimizers)
-
-
-def _step_guard(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Global pre-step hook: note the optimizer; while a snapshot reads live state, wait for it."""
-    if optimizer not in _known_optimizers:
-        note_optimizer(optimizer)
-    if _snapshots_reading() and _wait_for_snapshots is not None:
-        _wait_for_snapshots()
-
-
-_step_guard_handle = register_optimizer_step_pre_hook(_step_guard)
-
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 

@@ -26,7 +26,6 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from dcp_datastates.errors import CorruptCheckpointError
-from dcp_datastates.kernels import block_checksums
 
 ALGORITHM = "xxh64"
 CHECKSUM_FILE_SUFFIX = "checksums.json"
@@ -193,3 +192,10 @@ def load_checksums(directory: Path) -> dict[str, FileChecksums]:
     for entry in sorted(directory.glob(f"__*_{CHECKSUM_FILE_SUFFIX}")):
         merged |= parse_checksum_file(read_regular_file(entry, MAX_CHECKSUM_FILE_BYTES, "checksum file"), str(entry))
     return merged
+
+
+def block_checksums(data: object, block_bytes: int) -> list[int]:
+    """The numba XXH64 kernel (``kernels``), loaded on first use: reading metadata never pays for numba."""
+    from dcp_datastates.kernels import block_checksums as kernel
+
+    return kernel(data, block_bytes)

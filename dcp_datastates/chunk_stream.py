@@ -31,7 +31,8 @@ from dcp_datastates.config import DIRECT_IO_ALIGNMENT
 from dcp_datastates.dir_files import check_still_linked
 from dcp_datastates.kernels import block_checksums
 from dcp_datastates.native import OpenedFile, WriteEngine, WriteRequest
-from dcp_datastates.shutdown import check_not_abandoned, install_exit_hook
+from dcp_datastates.shutdown import InFlightSave, check_not_abandoned
+from dcp_datastates.native.workers import start_without_interrupts
 
 
 @dataclass
@@ -95,6 +96,7 @@ class ChunkedFileStream:
         pool: HostBufferPool,
         checksum_block_bytes: int | None = None,
         copy_stream: "torch.cuda.Stream | None" = None,
+        interrupt: InFlightSave | None = None,
     ) -> None:
         if checksum_block_bytes is not None and pool.chunk_bytes % checksum_block_bytes:
             raise ValueError(f"checksum block {checksum_block_bytes} does not divide chunk {pool.chunk_bytes}")
@@ -121,7 +123,7 @@ class ChunkedFileStream:
         self.writes_submitted = 0
         self.device_copies = 0  # asynchronous device-to-host copies queued on the copy stream
         self.copy_events = 0  # per-buffer CUDA events recorded after them
-        install_exit_hook()
+        self._interrupt = interrupt  # the save this file belongs to: stop at the next buffer once it is abandoned
 
     @property
     def position(self) -> int:
@@ -131,7 +133,7 @@ class ChunkedFileStream:
     def _current(self) -> HostBuffer:
         if self._buffer is None:
             self._raise_if_failed()
-            check_not_abandoned()
+            check_not_abandoned(self._interrupt)
             self._buffer = self._pool.acquire()
         return self._buffer
 
@@ -211,7 +213,7 @@ class ChunkedFileStream:
             return
         device = self._copy_stream.device if self._copy_stream is not None else None
         sealer = threading.Thread(target=self._seal_forever, args=(device,), name="dcp-datastates-seal", daemon=True)
-        sealer.start()
+        start_without_interrupts(sealer)
         self._sealer = sealer
 
     def _seal_forever(self, device: "torch.device | None") -> None:
@@ -248,7 +250,7 @@ class ChunkedFileStream:
                 sealed.copied.synchronize()
             if self._error is not None:  # an earlier write failed: the file is lost anyway
                 raise self._error
-            check_not_abandoned()
+            check_not_abandoned(self._interrupt)
             if self._checksum_block_bytes is not None:
                 self.checksums += block_checksums(buffer.view[: sealed.used], self._checksum_block_bytes)
             request = WriteRequest(self._target.fd, self._target.path, buffer.view[: sealed.length], sealed.offset, on_done)

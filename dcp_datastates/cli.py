@@ -27,6 +27,7 @@ With --json, results and errors alike are printed as JSON on stdout.
 from __future__ import annotations
 
 import argparse
+import importlib
 import io
 import json
 import math
@@ -35,25 +36,58 @@ import re
 import secrets
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+from typing import TYPE_CHECKING, Any
 
 from dcp_datastates import __version__
-from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.errors import (
     CheckpointIOError,
     CheckpointPathError,
     CorruptCheckpointError,
     DataStatesError,
     UnverifiedCheckpointError,
+    unwrap,
 )
 from dcp_datastates.integrity import KEY_ENV, IntegrityPolicy
-from dcp_datastates.metadata_check import read_checkpoint_metadata
-from dcp_datastates.reader import DataStatesReader
+
+
+class _Lazy:
+    """A module, or a name in one, imported on first use: ``--version`` and ``--help`` never load torch."""
+
+    def __init__(self, module: str, name: str | None = None) -> None:
+        self._where = (module, name)
+
+    def _load(self) -> Any:
+        module, name = self._where
+        loaded = importlib.import_module(module)
+        return loaded if name is None else getattr(loaded, name)
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._load(), attribute)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._load()(*args, **kwargs)
+
+    def __instancecheck__(self, instance: Any) -> bool:  # isinstance(x, lazy_class)
+        return isinstance(instance, self._load())
+
+
+if TYPE_CHECKING:
+    import torch
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
+
+    from dcp_datastates.config import DataStatesConfig
+    from dcp_datastates.metadata_check import read_checkpoint_metadata
+    from dcp_datastates.reader import DataStatesReader
+else:
+    torch = _Lazy("torch")
+    BytesStorageMetadata = _Lazy("torch.distributed.checkpoint.metadata", "BytesStorageMetadata")
+    TensorStorageMetadata = _Lazy("torch.distributed.checkpoint.metadata", "TensorStorageMetadata")
+    DataStatesConfig = _Lazy("dcp_datastates.config", "DataStatesConfig")
+    read_checkpoint_metadata = _Lazy("dcp_datastates.metadata_check", "read_checkpoint_metadata")
+    DataStatesReader = _Lazy("dcp_datastates.reader", "DataStatesReader")
 
 EXIT_OK, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_UNVERIFIED = 0, 1, 2, 3
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE: the reader of our output closed it
 
 _RANK_RE = re.compile(r"^__(\d+)_")
 
@@ -327,11 +361,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    """DCP wraps errors raised inside a load in ``CheckpointException``; report the first rank's own error."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    if isinstance(exc, CheckpointException) and exc.failures:
-        first = next(iter(exc.failures.values()))
+    """DCP wraps errors raised inside a load in ``CheckpointException``; report ours, else the first rank's own error."""
+    ours = unwrap(exc)
+    if ours is not exc:
+        return ours
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        first = next(iter(failures.values()))
         return first[0] if isinstance(first, tuple) else first
     return exc
 
@@ -345,18 +381,42 @@ def exit_code_for(exc: BaseException) -> int:
     return EXIT_UNUSABLE
 
 
+def _quiet_broken_pipe() -> int:
+    """The reader of our output went away (``inspect ... | head -1``): stop quietly, as Unix tools do.
+
+    Later flushes of stdout (at interpreter exit) would fail again and print a second error,
+    so stdout is pointed at /dev/null first. 141 is what a shell reports for a tool killed by SIGPIPE.
+    """
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):  # stdout is not a real file (captured): nothing to flush later
+        pass
+    return EXIT_BROKEN_PIPE
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["bench"]:
         return cmd_bench(argv[1:])
     as_json = "--json" in argv
     try:
         args = build_parser().parse_args(argv)
-        return {"inspect": cmd_inspect, "verify": cmd_verify, "convert": cmd_convert}[args.command](args)
+        code = {"inspect": cmd_inspect, "verify": cmd_verify, "convert": cmd_convert}[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the BrokenPipeError handler, not at exit
+        return code
     except SystemExit as exc:  # --help, --version
         return int(exc.code or 0) if isinstance(exc.code, int) or exc.code is None else EXIT_UNUSABLE
     except BaseException as raised:  # noqa: BLE001 - the CLI answers with a message and an exit code, never a traceback
-        if isinstance(raised, KeyboardInterrupt):
+        if isinstance(raised, (KeyboardInterrupt, BrokenPipeError)):
             raise
         exc = _unwrap(raised)
         if isinstance(exc, _UsageError):

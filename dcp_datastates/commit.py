@@ -28,10 +28,12 @@ import errno
 import logging
 import os
 import pickle
+import contextlib
 import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import Metadata
@@ -159,10 +161,14 @@ def commit_checkpoint(
     required: dict[str, int],
     keep: set[str],
     seal: Callable[[int], None] | None = None,
+    commit_point: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> list[str]:
     """Run steps 2-5 of the protocol; return the stale files removed.
 
     ``seal(dir_fd)`` runs once the files are checked, right before ``.metadata`` is written.
+    ``commit_point`` (the save's ``InFlightSave.commit_point``) is entered around the
+    rename alone: it refuses a save abandoned by then, and makes later abandonment
+    wait for -- and give way to -- the rename.
 
     Raises :class:`CheckpointDirectoryChangedError` (nothing published) when the directory
     or a file vanished, and :class:`CheckpointIOError` when the directory fsync fails after
@@ -183,7 +189,8 @@ def commit_checkpoint(
         try:
             write_temp_metadata(dir_fd, tmp_name, metadata, fsync, identity.path)
             created = True
-            publish(dir_fd, tmp_name)
+            with commit_point() if commit_point is not None else contextlib.nullcontext():
+                publish(dir_fd, tmp_name)
         except BaseException as exc:
             if created and not CheckpointDir(dir_fd, identity.path).is_regular(tmp_name):
                 raise  # renamed into place: published, whatever failed after it

@@ -174,6 +174,23 @@ class DataStatesConfig(BaseModel):
             )
         return value
 
+    @field_validator("io_engine")
+    @classmethod
+    def _io_uring_usable(cls, value: str) -> str:
+        """Refuse ``io_uring`` now, where it cannot work, not inside the first ``dcp.save``."""
+        if value == "io_uring":
+            from dcp_datastates.native.uring_ring import io_uring_problem  # cached: probed once per process
+
+            problem = io_uring_problem()
+            if problem is not None:
+                raise ValueError(
+                    f"io_engine='io_uring' was asked for but io_uring cannot be used here: {problem}. Use "
+                    "io_engine='auto' or 'threads' ('auto' takes io_uring where it works, else threads), or install "
+                    "the binding where the kernel allows io_uring: pip install liburing==2024.5.3 (it builds from "
+                    "source: needs a C compiler, make and the Python headers)."
+                )
+        return value
+
     @model_validator(mode="after")
     def _pool_holds_two_chunks(self) -> "DataStatesConfig":
         if self.host_pool_bytes != "auto" and self.host_pool_bytes < 2 * self.chunk_bytes:

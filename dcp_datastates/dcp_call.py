@@ -22,7 +22,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint.state_dict_saver as _saver
 
-_ASYNC_SAVE_CODE = inspect.unwrap(_saver.async_save).__code__
+ASYNC_SAVE_CODE = _ASYNC_SAVE_CODE = inspect.unwrap(_saver.async_save).__code__
 _MAX_DEPTH = 12  # stage <- stage_state_dict <- logger wrapper(s) <- async_save
 
 

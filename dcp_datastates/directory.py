@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 #: The file whose presence makes a checkpoint directory complete (DCP's name, stock and ours).
@@ -30,3 +31,28 @@ class DirectoryCheckpointId:
     @property
     def checkpoint_id(self) -> Path:
         return self.path
+
+
+# -- a root of checkpoints: step-N directories side by side ---------------------------------------
+#: Recognized checkpoint directory names, ordered by the step number ``N``: ``step-N``, ``step_N``,
+#: ``stepN`` and a bare ``N`` (torchtitan and our examples use ``step-N``).
+STEP_NAME_PATTERNS = (re.compile(r"^step[-_]?(\d+)$"), re.compile(r"^(\d+)$"))
+
+
+def step_of(name: str) -> int | None:
+    """The step number a checkpoint directory's name encodes, or ``None`` if it is not a step name."""
+    for pattern in STEP_NAME_PATTERNS:
+        match = pattern.match(name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def step_directories(root: Path) -> list[Path]:
+    """Sub-directories of ``root`` with a step name, oldest step first (names only: nothing is opened)."""
+    found = []
+    for child in root.iterdir():
+        step = step_of(child.name)
+        if step is not None and child.is_dir():
+            found.append((step, child.name, child))
+    return [path for _, _, path in sorted(found)]

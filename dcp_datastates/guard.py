@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.hooks import RemovableHandle
 
-from dcp_datastates.capture import note_optimizer
+from dcp_datastates.step_guard import note_optimizer
 from dcp_datastates.snapshot import wait_all_staged
 
 

@@ -53,7 +53,7 @@ from dcp_datastates.checksums import (
     read_regular_file,
     sha256_hex,
 )
-from dcp_datastates.directory import METADATA_FILE
+from dcp_datastates.directory import METADATA_FILE, step_directories
 from dcp_datastates.errors import (
     CheckpointIOError,
     CheckpointPathError,
@@ -80,8 +80,12 @@ _OUR_DATA_FILE = re.compile(r"^(__\d+_[0-9a-f]+_)\d+\.distcp$")
 
 
 # -- reading -------------------------------------------------------------------------------------
-def read_checkpoint_metadata(directory: str | os.PathLike, *, trust: bool) -> Metadata:
-    """``directory``'s ``.metadata``, unpickled safely and checked (see the module docstring)."""
+def read_checkpoint_metadata(directory: str | os.PathLike, *, trust: bool, hint: bool = True) -> Metadata:
+    """``directory``'s ``.metadata``, unpickled safely and checked (see the module docstring).
+
+    Without one, the error says so -- and, where ``directory`` is a root of ``step-N``
+    checkpoints (``hint``), which ones it holds and the newest complete one.
+    """
     directory = Path(directory)
     if not directory.exists():
         raise CheckpointPathError(f"checkpoint path {str(directory)!r} does not exist")
@@ -91,6 +95,9 @@ def read_checkpoint_metadata(directory: str | os.PathLike, *, trust: bool) -> Me
     try:
         data = read_regular_file(path, MAX_METADATA_BYTES, "metadata file")
     except FileNotFoundError:
+        root_hint = checkpoint_root_hint(directory, trust=trust) if hint else None
+        if root_hint:
+            raise IncompleteCheckpointError(root_hint) from None
         raise IncompleteCheckpointError(
             f"{str(directory)!r} is not a complete checkpoint: it has no {METADATA_FILE} file. A save into it "
             "failed or is still running, or this is not a checkpoint directory; load an earlier checkpoint."
@@ -102,6 +109,57 @@ def read_checkpoint_metadata(directory: str | os.PathLike, *, trust: bool) -> Me
     metadata = load_metadata_bytes(data, str(path), trust)
     validate_metadata(metadata, str(path), trust=trust, budget=8 * len(data) + 100_000)
     return metadata
+
+
+#: At most this many checkpoints are opened to find the newest complete one for a hint.
+_HINT_CHECKS = 8
+
+
+def checkpoint_root_hint(directory: Path, *, trust: bool) -> str | None:
+    """What to say when ``directory`` is a root holding ``step-N`` checkpoints, not a checkpoint itself.
+
+    Bounded work: the names are listed, and only the newest ones (at most ``_HINT_CHECKS``)
+    are opened, from the newest down, until one is complete.
+    """
+    try:
+        steps = step_directories(directory)
+    except OSError:
+        return None
+    if not steps:
+        return None
+    names = [p.name for p in steps]
+    shown = ", ".join(names if len(names) <= 6 else [*names[:2], "...", *names[-3:]])
+    if len(names) > 6:
+        shown += f" ({len(names)} in all)"
+    newest = next((p for p in reversed(steps[-_HINT_CHECKS:]) if is_intact_checkpoint(p, trust=trust)), None)
+    if newest is None:
+        return (
+            f"{str(directory)!r} is a checkpoint root, not a checkpoint: it holds {shown}, none of them complete "
+            f"(the newest {min(len(steps), _HINT_CHECKS)} checked). Pass one checkpoint directory, e.g. "
+            f"{str(steps[-1])!r}, or start fresh: latest_complete_checkpoint({str(directory)!r}) returns None here."
+        )
+    return (
+        f"{str(directory)!r} is a checkpoint root, not a checkpoint: it holds {shown} (newest complete: "
+        f"{newest.name}). Pass {str(newest)!r}, or latest_complete_checkpoint({str(directory)!r})."
+    )
+
+
+def is_intact_checkpoint(path: str | os.PathLike, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> bool:
+    """Whether ``path`` holds a checkpoint that parses and whose files are all there at their sizes.
+
+    Under a ``policy`` that demands verification (``integrity='required'`` or a key; default:
+    ``IntegrityPolicy.default()``), it must also be one that policy would load.
+    """
+    path = Path(path)
+    policy = policy or IntegrityPolicy.default()
+    try:
+        metadata = read_checkpoint_metadata(path, trust=trust, hint=False)
+        checksums = load_verified_checksums(path, metadata, policy)
+        if policy.enforced and checksums.unverified:
+            return False
+        return not checksums.problems and not data_file_problems(path, metadata, checksums.files)
+    except (DataStatesError, OSError):
+        return False
 
 
 # -- structure -----------------------------------------------------------------------------------

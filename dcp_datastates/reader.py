@@ -44,6 +44,7 @@ from dcp_datastates.deliver import RecordDelivery
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import (
     CheckpointIOError,
+    CheckpointPathError,
     ChecksumMismatchError,
     CorruptCheckpointError,
     DataStatesError,
@@ -88,6 +89,13 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                  config: DataStatesConfig | None = None,
                  replicated_reads: Literal["auto", "once", "every_rank"] = "auto") -> None:
         super().__init__()
+        if path is None:
+            raise CheckpointPathError(
+                "DataStatesReader(path): path is None. latest_complete_checkpoint(root) returns None when the root "
+                "holds no complete checkpoint yet -- a first run: start fresh instead of loading, e.g. "
+                "`latest = latest_complete_checkpoint(root)` then `if latest is not None: dcp.load(..., "
+                "storage_reader=DataStatesReader(latest))`."
+            )
         if replicated_reads not in ("auto", "once", "every_rank"):
             raise ValueError(f"replicated_reads must be 'auto', 'once' or 'every_rank', got {replicated_reads!r}")
         self.replicated_reads = replicated_reads

@@ -11,62 +11,58 @@ Recognized names (:data:`STEP_NAME_PATTERNS`), ordered by the step number ``N``:
 ``step-N``, ``step_N``, ``stepN`` and a bare ``N`` (torchtitan and our examples use
 ``step-N``). Anything else -- ``backup-2024``, ``latest``, ``step-3.tmp`` -- is not a step
 and is skipped.
+
+The root itself must exist: a typo in it would otherwise read as "no checkpoint yet" and
+silently restart training from scratch. An existing root without a complete checkpoint
+is the first run -- ``latest_complete_checkpoint`` returns ``None``: start fresh.
 """
 
 from __future__ import annotations
 
-import re
+import os
 from pathlib import Path
 
-from dcp_datastates.errors import DataStatesError
+from dcp_datastates.directory import STEP_NAME_PATTERNS, step_directories, step_of  # noqa: F401 - re-exported
+from dcp_datastates.errors import CheckpointPathError
 from dcp_datastates.integrity import IntegrityPolicy
-from dcp_datastates.metadata_check import data_file_problems, load_verified_checksums, read_checkpoint_metadata
-
-STEP_NAME_PATTERNS = (re.compile(r"^step[-_]?(\d+)$"), re.compile(r"^(\d+)$"))
+from dcp_datastates.metadata_check import is_intact_checkpoint  # noqa: F401 - re-exported
 
 
-def step_of(name: str) -> int | None:
-    """The step number a checkpoint directory's name encodes, or ``None`` if it is not a step name."""
-    for pattern in STEP_NAME_PATTERNS:
-        match = pattern.match(name)
-        if match:
-            return int(match.group(1))
-    return None
-
-
-def is_intact_checkpoint(path: str | Path, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> bool:
-    """Whether ``path`` holds a checkpoint that parses and whose files are all there at their sizes.
-
-    Under a ``policy`` that demands verification (``integrity='required'`` or a key; default:
-    ``IntegrityPolicy.default()``), it must also be one that policy would load.
-    """
-    path = Path(path)
-    policy = policy or IntegrityPolicy.default()
-    try:
-        metadata = read_checkpoint_metadata(path, trust=trust)
-        checksums = load_verified_checksums(path, metadata, policy)
-        if policy.enforced and checksums.unverified:
-            return False
-        return not checksums.problems and not data_file_problems(path, metadata, checksums.files)
-    except (DataStatesError, OSError):
-        return False
-
-
-def list_complete_checkpoints(root: str | Path, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> list[Path]:
-    """Intact checkpoint directories under ``root`` with a recognized step name, oldest step first."""
+def _existing_root(root: str | os.PathLike) -> Path:
     root = Path(root)
+    if not root.exists():
+        raise CheckpointPathError(
+            f"checkpoint root {str(root)!r} does not exist. Create it before the first run (e.g. "
+            f"Path({str(root)!r}).mkdir(parents=True, exist_ok=True)); an existing root without a complete "
+            "checkpoint means a first run: latest_complete_checkpoint returns None and training starts fresh."
+        )
     if not root.is_dir():
-        return []
-    policy = policy or IntegrityPolicy.default()
-    found = []
-    for child in root.iterdir():
-        step = step_of(child.name)
-        if step is not None and child.is_dir() and is_intact_checkpoint(child, trust=trust, policy=policy):
-            found.append((step, child.name, child))
-    return [path for _, _, path in sorted(found)]
+        raise CheckpointPathError(
+            f"checkpoint root {str(root)!r} is a file; pass the directory that holds the step-N checkpoint directories"
+        )
+    return root
 
 
-def latest_complete_checkpoint(root: str | Path, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> Path | None:
-    """The intact checkpoint with the highest step under ``root`` (``None`` if there is none)."""
-    complete = list_complete_checkpoints(root, trust=trust, policy=policy)
-    return complete[-1] if complete else None
+def list_complete_checkpoints(
+    root: str | os.PathLike, *, trust: bool = False, policy: IntegrityPolicy | None = None
+) -> list[Path]:
+    """Intact checkpoint directories under ``root`` with a recognized step name, oldest step first.
+
+    Raises :class:`CheckpointPathError` if ``root`` does not exist or is a file.
+    """
+    return [path for path in step_directories(_existing_root(root))
+            if is_intact_checkpoint(path, trust=trust, policy=policy)]
+
+
+def latest_complete_checkpoint(
+    root: str | os.PathLike, *, trust: bool = False, policy: IntegrityPolicy | None = None
+) -> Path | None:
+    """The intact checkpoint with the highest step under ``root``; ``None`` if it holds none yet (start fresh).
+
+    Checks from the newest step down and stops at the first intact one. Raises
+    :class:`CheckpointPathError` if ``root`` does not exist or is a file.
+    """
+    for path in reversed(step_directories(_existing_root(root))):
+        if is_intact_checkpoint(path, trust=trust, policy=policy):
+            return path
+    return None

@@ -35,7 +35,7 @@ import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
 from torch.distributed.checkpoint.planner import WriteItem
 
-from dcp_datastates import capture
+from dcp_datastates import step_guard
 from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.checksums import FileChecksums, checksums_of
 from dcp_datastates.chunk_stream import ChunkedFileStream
@@ -46,8 +46,9 @@ from dcp_datastates.framing import tensor_bytes_view
 from dcp_datastates.held import HeldItem
 from dcp_datastates.layout import RankLayout
 from dcp_datastates.native import create_engine, open_for_write
+from dcp_datastates.native.workers import start_without_interrupts
 from dcp_datastates.save_claim import DirectoryIdentity
-from dcp_datastates.shutdown import check_not_abandoned
+from dcp_datastates.shutdown import InFlightSave, check_not_abandoned
 
 Resolver = Callable[[WriteItem], "torch.Tensor | io.BytesIO"]
 #: The pool for a state of this many tensor bytes (the pool helper may size it to the state).
@@ -70,9 +71,9 @@ def any_reading_live_state() -> bool:
     return bool(_in_flight)
 
 
-# Every torch.optim step waits while a snapshot of this process reads live state (see capture).
-capture._wait_for_snapshots = wait_all_staged
-capture._snapshots_reading = any_reading_live_state
+# Every torch.optim step waits while a snapshot of this process reads live state (see step_guard).
+step_guard.wait_for_snapshots = wait_all_staged
+step_guard.snapshots_reading = any_reading_live_state
 
 
 @dataclass
@@ -124,17 +125,20 @@ class Snapshot:
         *,
         plan: Callable[[], SnapshotPlan] | None = None,
         identity: DirectoryIdentity | None = None,
+        interrupt: InFlightSave | None = None,
     ) -> None:
         """Either ``layout`` and ``resolve`` (planned already), or ``plan``, run first on the snapshot's thread.
 
         ``identity`` is the directory the save claimed (``save_claim``): every file is created
         through a descriptor of that very directory (``dir_files``), so a directory removed or
         replaced before the snapshot runs fails it with a typed error, and no file is created
-        anywhere else.
+        anywhere else. ``interrupt``: the save this snapshot belongs to; once it is abandoned
+        every stage stops at its next step and the snapshot removes its files.
         """
         self.directory = directory
         self._identity = identity
         self._dir: CheckpointDir | None = None
+        self.interrupt = interrupt
         self._plan = plan
         self.held: list[WriteItem] = []
         self._private_ids: set[int] = set()
@@ -172,6 +176,10 @@ class Snapshot:
         with _in_flight_lock:
             _in_flight.add(self)
         self.staged.add_done_callback(lambda _: self._leave_in_flight())
+        if self.interrupt is not None:  # a SIGTERM handler waits for this thread to stop (and clean up)
+            stopped = threading.Event()
+            self.interrupt.workers.append(stopped)
+            self.done.add_done_callback(lambda _: stopped.set())
         if not begin_within:
             self._begin.set()
 
@@ -180,7 +188,7 @@ class Snapshot:
             self.run()
 
         self._thread = threading.Thread(target=run_when_begun, name="dcp-datastates-snapshot", daemon=True)
-        self._thread.start()
+        start_without_interrupts(self._thread)
         return self
 
     def begin(self) -> None:
@@ -196,6 +204,7 @@ class Snapshot:
         result = SnapshotResult()
         checksums: dict[str, FileChecksums] = {}
         try:
+            check_not_abandoned(self.interrupt)
             self._dir = (self._identity or DirectoryIdentity.of(self.directory)).open_dir()
             if self._plan is not None:
                 self._set_plan(self._plan())  # DCP's local plan and the layout: here, off the caller's thread
@@ -265,7 +274,7 @@ class Snapshot:
         contents = bytearray()
         try:
             for item in self.layout.object_items:
-                check_not_abandoned()
+                check_not_abandoned(self.interrupt)
                 payload = self._resolve(item).getbuffer()  # type: ignore[union-attr]
                 result.records[item.index] = RecordLocation(self.layout.object_file, len(contents), len(payload))
                 contents += payload
@@ -302,7 +311,7 @@ class Snapshot:
             block_bytes = self._config.checksum_block_bytes
             copy_stream = self._copy_stream()
             stream = ChunkedFileStream(
-                target, engine, self._pool, block_bytes if self._config.checksums else None, copy_stream
+                target, engine, self._pool, block_bytes if self._config.checksums else None, copy_stream, self.interrupt
             )
             try:
                 # On the copy stream, a non-contiguous tensor's packing copy also stays off the training stream.
@@ -431,7 +440,7 @@ class _ObjectsThread:
                 self._error = exc
 
         self._thread = threading.Thread(target=run, name="dcp-datastates-objects", daemon=True)
-        self._thread.start()
+        start_without_interrupts(self._thread)
 
     def join(self) -> None:
         self._thread.join()

@@ -62,6 +62,7 @@ from dcp_datastates.metadata_check import seal_metadata
 from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snapshot
 from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.save_claim import DirectoryIdentity, DirectoryLock, SaveClaim
+from dcp_datastates.shutdown import InFlightSave, begin_save
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotPlan, SnapshotResult
 from dcp_datastates.tiers import TierConfigError
 
@@ -117,6 +118,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self._shipped_result: tuple[str, SnapshotResult] | None = None
         self._claim: SaveClaim | None = None  # the running save's hold on its directory (save_claim.py)
         self._tier: tier_save.TierSave | None = None  # the running multi-level save (config.multilevel; tier_save.py)
+        self._interrupt: InFlightSave | None = None  # the running save, as signals and exit see it (shutdown.py)
 
     # -- StorageWriter: set-up and planning ------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -156,6 +158,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         """Drop the staged snapshot: wait until it stops writing (it reads private copies or guarded state), remove its files."""
         snapshot, self._snapshot = self._snapshot, None
         if snapshot is not None:
+            snapshot.begin()
             wait([snapshot.done])
             snapshot.discard()
         if self._shipped_result is not None:
@@ -205,11 +208,12 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             self._begin_save(self.is_coordinator, from_stage=False)
         return dataclasses.replace(plan, storage_data=self._staged_items())  # what this rank staged (replicas)
 
-    def _begin_save(self, is_coordinator: bool, *, from_stage: bool = True) -> None:
+    def _begin_save(self, is_coordinator: bool, *, from_stage: bool = True, rank: int | None = None) -> None:
         """Start a save: create the directory once, record which one it is, lock it (coordinator).
 
         ``stage()`` calls this first thing, so a bad, occupied or busy path fails in the
-        caller before any byte is copied.
+        caller before any byte is copied. The save is registered with ``shutdown`` from now
+        on: Ctrl-C, SIGTERM or ``abandon_in_flight_saves()`` abandon it.
         """
         self._end_save()  # a claim left by a save that failed before finish()
         prepare_directory(self.path)
@@ -220,6 +224,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         claim = self._claim = SaveClaim(identity, lock, from_stage=from_stage, confirmed=not from_stage)
         # The lock dies with the process; this drops it sooner if the writer is dropped mid-save.
         claim.finalizer = weakref.finalize(self, claim.release)
+        interrupt = self._interrupt = begin_save(
+            self.path, self.save_id[:8], self.rank if rank is None else rank,
+            coordinator=is_coordinator, background=False,  # stage() hands it to the snapshot when it returns
+        )
+        interrupt.release = claim.release
         if has_complete_checkpoint(self.path) and not self.overwrite:
             self._end_save()
             raise CheckpointExistsError(
@@ -234,11 +243,14 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         Watches ``staged`` too: its failure is what DCP's save thread reports first, and the
         snapshot has removed its files by then.
         """
-        claim = self._claim
+        claim, interrupt = self._claim, self._interrupt
 
         def on_done(future: ThreadFuture[Any]) -> None:
-            if future.exception() is not None and claim is not None:
-                claim.release()
+            if future.exception() is not None:
+                if claim is not None:
+                    claim.release()
+                if interrupt is not None:
+                    interrupt.end()
 
         snapshot.staged.add_done_callback(on_done)
         snapshot.done.add_done_callback(on_done)
@@ -255,6 +267,9 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         claim, self._claim = self._claim, None
         if claim is not None:
             claim.release()
+        interrupt, self._interrupt = self._interrupt, None
+        if interrupt is not None:
+            interrupt.end()
 
     def _staged_items(self) -> StagedItems | None:
         """What this rank's snapshot wrote and holds, for the coordinator (``None``: nothing staged)."""
@@ -317,13 +332,19 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         if self.config.multilevel is not None:  # decides where the files go: this node's local tier, or the shared path
             self._tier = tier_save.begin(self, tier_save.state_bytes(state_dict), call.process_group if call else None, staged=True)
-        self._begin_save(rank == 0)  # fail now, in the caller, on a bad, occupied or busy path
-        budget = _capture_budget(self.config)
+        self._begin_save(rank == 0, rank=rank)  # fail now, in the caller, on a bad, occupied or busy path
         try:
-            captured = capture_mutable(state_dict, budget_bytes=budget)
-        except BaseException:
-            self._end_save()  # nothing was staged: free the directory for the next save
+            staged = self._stage(state_dict, rank, group)
+        except BaseException as exc:  # Ctrl-C inside the synchronous staging wait included
+            self._abandon_staging(exc)
             raise
+        if self._interrupt is not None:
+            self._interrupt.driver = None  # the rest runs on the snapshot and DCP's upload threads
+        return staged
+
+    def _stage(self, state_dict: STATE_DICT_TYPE, rank: int, group: SaveGroup) -> ThreadFuture[STATE_DICT_TYPE]:
+        budget = _capture_budget(self.config)
+        captured = capture_mutable(state_dict, budget_bytes=budget)
         self.last_capture = dataclasses.replace(captured, state_dict={}, private_ids=set())  # what was copied, for logs/tests
         prefix = f"__{rank}_{self.save_id[:8]}_"
 
@@ -333,9 +354,10 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             planned = plan_snapshot(planner, group, prefix)
             return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
-        snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan, identity=self._claim_identity())
-        snapshot.start(begin_within=0.0 if captured.over_budget else _BEGIN_WITHIN_S)
+        snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan, identity=self._claim_identity(),
+                            interrupt=self._interrupt)
         self._snapshot = snapshot
+        snapshot.start(begin_within=0.0 if captured.over_budget else _BEGIN_WITHIN_S)
         self._release_claim_on_failure(snapshot)
         staged: ThreadFuture[STATE_DICT_TYPE] = _StagingFuture(snapshot)
         if captured.over_budget:
@@ -360,6 +382,28 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         snapshot.staged.add_done_callback(on_staged)
         return staged
 
+    def _abandon_staging(self, exc: BaseException) -> None:
+        """``stage()`` is failing (Ctrl-C in its wait, or an error): stop our snapshot, remove its files, free the directory.
+
+        Done before the exception leaves ``stage()``: nothing else would wait for the
+        snapshot's (daemon) thread, and an interpreter exiting on the exception would kill
+        it halfway, leaving a partial data file.
+        """
+        interrupt, snapshot = self._interrupt, self._snapshot
+        if interrupt is not None and interrupt.cancel(f"stage() ended by {type(exc).__name__}"):
+            logger.warning("dcp_datastates: abandoning in-flight checkpoint saves (stage() ended by %s): %s",
+                           type(exc).__name__, self.path)
+        self._snapshot = None
+        if snapshot is not None:
+            snapshot.begin()
+            if wait([snapshot.done], timeout=_STOP_WITHIN_S).not_done:
+                logger.warning("dcp_datastates: the abandoned snapshot into %s did not stop within %.0f s; "
+                               "its partial files are removed but may be re-created", self.path, _STOP_WITHIN_S)
+            snapshot.discard()
+        if interrupt is not None:
+            interrupt.remove_files()
+        self._end_save()
+
     def wait_staged(self) -> None:
         """Block until the pending snapshot no longer reads the live state (a no-op if none is)."""
         snapshot = self._snapshot
@@ -377,9 +421,13 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         state = dict(self.__dict__)
         snapshot = state.pop("_snapshot", None)
         state["_shipped_result"] = None
+        state["_interrupt"] = None  # locks and threads stay here; the daemon commits without them
         if snapshot is not None:
             snapshot.begin()
             state["_shipped_result"] = (str(snapshot.directory), snapshot.done.result())
+            if self._interrupt is not None:  # this process's part is done: the files are the daemon's now
+                self._interrupt.handed_over = True
+                self._interrupt.end()
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -401,10 +449,16 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             raise
         assert os.path.abspath(directory) == os.path.abspath(self.path), (directory, self.path)  # see reset()
         created: list[str] = []  # ours under their final names: removed if the save fails here
+        interrupt = self._interrupt
         try:
+            if interrupt is not None:
+                interrupt.add_tag(_tag_of(prefix.prefix))  # the save's files are renamed to the global tag
+                interrupt.check()
             with self._claim_identity().open_dir() as files:
                 try:
                     records = self._final_files(files, plan, result, prefix.prefix, created)
+                    if interrupt is not None and not self.is_coordinator:
+                        interrupt.hand_over()  # abandoned before this point: fail here, so the coordinator cannot commit
                 except BaseException:
                     for name in created:
                         files.remove(name)
@@ -412,6 +466,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         except BaseException:
             self._end_save()
             raise
+        if not self.is_coordinator:
+            self._end_save()  # this rank's part is done; the coordinator's finish() commits
         result.held = {}  # the copies are written or not ours: release their memory now
         self.last_stats = result
         results = [_write_result(item, records[item.index]) for item in plan.items]
@@ -462,7 +518,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         prefix: FilePrefix = plan.storage_data
         layout = plan_layout(planner, plan.items, prefix.prefix)
         snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool,
-                            identity=self._claim_identity())
+                            identity=self._claim_identity(), interrupt=self._interrupt)
         snapshot.run()
         return self.path, snapshot.done.result()
 
@@ -502,6 +558,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 # into it (keyed with an integrity key), reading the side files through the claimed directory.
                 seal_metadata(metadata, self.path, sealed, checksums=self.config.checksums, key=key, dir_fd=dir_fd)
 
+            interrupt = self._interrupt
             commit_checkpoint(
                 self._claim_identity(),
                 metadata,
@@ -510,7 +567,15 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 required=required,
                 keep=referenced | checksum_files,
                 seal=seal,
+                commit_point=interrupt.commit_point if interrupt is not None else None,
             )
+        except BaseException:
+            # Not published (else commit_checkpoint has returned, or failed only after the rename): no
+            # rank's file of this save can ever be loaded; remove them all (Ctrl-C, SIGTERM, refused commit).
+            interrupt = self._interrupt
+            if interrupt is not None and not interrupt.committing:
+                interrupt.remove_files(all_ranks=True)
+            raise
         finally:
             self._end_save()
 
@@ -519,6 +584,9 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 #: (BatchNorm statistics, amax history and small EMAs of a typical model fit). Beyond it the
 #: save stages synchronously through the pool: exact, bounded memory, not lazy.
 CAPTURE_BUDGET_FLOOR = 512 * 1024**2
+
+#: Longest an interrupted ``stage()`` waits for its snapshot to stop (in-flight writes to finish).
+_STOP_WITHIN_S = 30.0
 
 #: Longest a staged snapshot waits for async_save to return before it starts planning anyway.
 _BEGIN_WITHIN_S = 0.05
@@ -609,6 +677,11 @@ def _write_result(item: WriteItem, where: RecordLocation) -> WriteResult:
     return WriteResult(
         index=item.index, size_in_bytes=where.length, storage_data=_StorageInfo(where.relative_path, where.offset, where.length)
     )
+
+
+def _tag_of(prefix: str) -> str:
+    """``__0_ab12cd34_`` -> ``ab12cd34`` (the save's tag)."""
+    return prefix.rstrip("_").rsplit("_", 1)[-1]
 
 
 def _prefix_of(file_name: str) -> str:

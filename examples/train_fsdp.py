@@ -122,6 +122,7 @@ def main() -> None:
     checkpoint_group = dist.new_group(backend="gloo")
     config = DataStatesConfig(chunk_bytes="1MiB", host_pool_bytes="8MiB")
     checkpoints = args.dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)  # the resume root must exist (an empty one: start fresh)
 
     def state(step: int) -> dict:
         model_sd, optim_sd = get_state_dict(model, optimizer)

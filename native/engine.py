@@ -60,8 +60,18 @@ class WriteEngine(ABC):
 Engine = TypeVar("Engine")
 
 
+#: What ``auto`` has said so far in this process: its choice is logged once, not on every save and load.
+_logged: set[str] = set()
+
+
+def _log_once(key: str, level: int, message: str, *args: object) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        logger.log(level, message, *args)
+
+
 def choose_engine(name: EngineName, make_uring: Callable[[], Engine], make_threads: Callable[[], Engine], doing: str) -> Engine:
-    """The engine ``name`` asks for; ``auto`` falls back to threads, saying why (writes and reads alike)."""
+    """The engine ``name`` asks for; ``auto`` falls back to threads, saying why once per process (writes and reads alike)."""
     if name == "threads":
         return make_threads()
     try:
@@ -72,9 +82,10 @@ def choose_engine(name: EngineName, make_uring: Callable[[], Engine], make_threa
                 f"io_engine='io_uring' was asked for but io_uring cannot be used here: {exc}. "
                 "Use io_engine='auto' or 'threads'."
             ) from exc
-        logger.warning("dcp_datastates: io_uring unavailable (%s); %s with the threads engine", exc, doing)
+        _log_once(f"fallback-{doing}", logging.WARNING,
+                  "dcp_datastates: io_uring unavailable (%s); %s with the threads engine (said once per process)", exc, doing)
         return make_threads()
-    logger.info("dcp_datastates: %s with the io_uring engine", doing)
+    _log_once(f"uring-{doing}", logging.INFO, "dcp_datastates: %s with the io_uring engine", doing)
     return engine
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dcp_datastates.native.engine import EngineUnavailable
+from dcp_datastates.native.workers import start_without_interrupts
 
 _WAKE_UP = 0  # user_data reserved for "no request": never assigned to an operation
 
@@ -46,6 +47,37 @@ def load_binding() -> Any:
                 getattr(liburing, name)
             _binding = liburing
         return _binding
+
+
+_problem_lock = threading.Lock()
+_problem: list[str | None] = []  # [] until probed, then [reason or None]
+
+
+def io_uring_problem() -> str | None:
+    """Why an io_uring ring cannot be used in this process, or ``None`` where it can (probed once, cached).
+
+    Imports the binding and sets up (and tears down) a two-entry ring: the same two steps
+    that fail where liburing is not installed, or where ``kernel.io_uring_disabled`` or a
+    seccomp filter refuses the ring. Milliseconds, once per process.
+    """
+    with _problem_lock:
+        if not _problem:
+            _problem.append(_probe())
+        return _problem[0]
+
+
+def _probe() -> str | None:
+    try:
+        liburing = load_binding()
+    except Exception as exc:  # ImportError, or a binding that fails to load
+        return f"the liburing binding cannot be imported ({exc})"
+    ring = liburing.io_uring()
+    try:
+        liburing.io_uring_queue_init(2, ring, 0)
+    except OSError as exc:  # ENOSYS (seccomp), EPERM (kernel.io_uring_disabled), ENOMEM
+        return f"io_uring_queue_init failed: {exc}"
+    liburing.io_uring_queue_exit(ring)
+    return None
 
 
 @dataclass
@@ -80,7 +112,7 @@ class RingEngine:
         self._next_id = 1
         self._closing = False
         self._reaper = threading.Thread(target=self._reap_forever, name=thread_name, daemon=True)
-        self._reaper.start()
+        start_without_interrupts(self._reaper)
 
     # -- what the engines say -------------------------------------------------------------
     @abstractmethod

@@ -8,11 +8,30 @@ able to finish -- the interpreter waits for it.
 from __future__ import annotations
 
 import queue
+import signal
 import threading
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
 Request = TypeVar("Request")
+
+#: Signals our threads never take: the kernel hands a process-directed signal to any thread that
+#: does not block it, and only the main thread runs Python's handlers -- a SIGINT landing on one of
+#: our workers would leave the main thread asleep, the handler unrun and the save going on.
+INTERRUPTS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+def start_without_interrupts(thread: threading.Thread) -> None:
+    """Start ``thread`` with SIGINT and SIGTERM blocked in it (it inherits the mask of the moment).
+
+    The caller's mask is restored right after; a signal arriving in between stays pending and
+    is delivered then, not lost.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, INTERRUPTS)
+    try:
+        thread.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 class WorkerThreads(Generic[Request]):
@@ -27,7 +46,7 @@ class WorkerThreads(Generic[Request]):
         try:
             for i in range(threads):
                 worker = threading.Thread(target=self._work, name=f"{thread_name}-{i}", daemon=True)
-                worker.start()
+                start_without_interrupts(worker)
                 self._workers.append(worker)
         except BaseException:
             self.close()

@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
+from dcp_datastates.errors import CheckpointPathError
 from dcp_datastates.resume import latest_complete_checkpoint, list_complete_checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,4 +79,5 @@ def test_latest_complete_checkpoint_skips_incomplete_ones(tmp_path, make_writer)
     (tmp_path / "step-15" / "__0_abc_0.distcp").write_bytes(b"partial")
     assert [p.name for p in list_complete_checkpoints(tmp_path)] == ["step-5", "step-10"]
     assert latest_complete_checkpoint(tmp_path) == tmp_path / "step-10"
-    assert latest_complete_checkpoint(tmp_path / "missing") is None
+    with pytest.raises(CheckpointPathError, match="does not exist"):  # a typo in the root is not "no checkpoint yet"
+        latest_complete_checkpoint(tmp_path / "missing")
