@@ -29,7 +29,7 @@ import torch
 from dcp_datastates.buffer_pool import HostBuffer, HostBufferPool
 from dcp_datastates.config import DIRECT_IO_ALIGNMENT
 from dcp_datastates.errors import CheckpointDirectoryChangedError
-from dcp_datastates.kernels import block_checksums
+from dcp_datastates.kernels import XXH3_64, block_checksums
 from dcp_datastates.native import OpenedFile, WriteEngine, WriteRequest
 from dcp_datastates.shutdown import check_not_abandoned, install_exit_hook
 
@@ -123,6 +123,7 @@ class ChunkedFileStream:
         if checksum_block_bytes is not None and pool.chunk_bytes % checksum_block_bytes:
             raise ValueError(f"checksum block {checksum_block_bytes} does not divide chunk {pool.chunk_bytes}")
         self._checksum_block_bytes = checksum_block_bytes
+        self.checksum_algorithm = XXH3_64  # what block_checksums computes by default
         self.checksums: list[int] = []
         self._copy_stream = copy_stream
         self._device_copies_pending = False  # device-to-host copies queued and not yet waited for
