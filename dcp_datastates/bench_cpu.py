@@ -125,5 +125,14 @@ def busy_cores(count: int | None = None) -> Iterator[frozenset[int]]:
 
 
 def burner_pids_alive(pids: frozenset[int]) -> list[int]:
-    """Which of ``pids`` still run (tests use it to prove the burners are gone)."""
-    return [pid for pid in pids if _proc_stat(pid) is not None]
+    """Which of ``pids`` still run -- exist and are not zombies (tests use it to prove the burners are gone)."""
+    alive = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in (b"Z", b"X"):
+            alive.append(pid)
+    return alive

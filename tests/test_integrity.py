@@ -306,8 +306,13 @@ def test_cli_bench_json_runs_every_method_side_by_side(tmp_path):
 
     saved = state_bytes(make_state(int(0.07 * 2**30), "cpu"))
     assert report["save"]["bytes"] == saved and saved <= report["verify"]["bytes"] < saved + 2**20  # what was measured
-    for part in ("save", "verify"):
+    assert report["busy"] is False and "load average" in report["machine"]
+    small = [row["method"] for row in report["save_small"]["rows"]]
+    assert report["save_small"]["tensors"] == 1000 and "DataStatesWriter" in small and "stock FileSystemWriter" in small
+    for part in ("save", "verify", "save_small", "load", "load_small"):
         for row in report[part]["rows"]:
             assert len(row["seconds"]) == 1 and row["median_seconds"] == row["seconds"][0] > 0
             assert row["median_gib_per_s"] == pytest.approx(report[part]["bytes"] / row["median_seconds"] / 2**30)
+            assert len(row["cpu_seconds"]) == 1 and row["cpu_seconds"][0] >= 0  # CPU of every run, every row
+            assert row["cpu_seconds_per_gib"] == pytest.approx(row["cpu_seconds"][0] / (report[part]["bytes"] / 2**30))
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
