@@ -29,7 +29,7 @@ REFERENCE = {"xxh3_64": xxhash.xxh3_64_intdigest, "xxh64": xxhash.xxh64_intdiges
 
 @pytest.mark.parametrize("algorithm", sorted(REFERENCE))
 @given(st.binary(min_size=0, max_size=5000), st.integers(min_value=1, max_value=700), st.integers(0, 63))
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=100, deadline=None)
 def test_block_checksums_match_the_reference_at_odd_sizes_and_offsets(algorithm, data, block, offset):
     """Unaligned starts (``offset`` into the buffer), odd block sizes and ragged tails, both algorithms."""
     view = memoryview(bytes(offset) + data)[offset:]
