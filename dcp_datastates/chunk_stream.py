@@ -30,9 +30,10 @@ import torch
 from dcp_datastates.buffer_pool import HostBuffer, HostBufferPool
 from dcp_datastates.config import DIRECT_IO_ALIGNMENT
 from dcp_datastates.errors import CheckpointDirectoryChangedError
-from dcp_datastates.kernels import XXH3_64, block_checksums
+from dcp_datastates.kernels import block_checksums
 from dcp_datastates.native import OpenedFile, WriteEngine, WriteRequest
 from dcp_datastates.shutdown import check_not_abandoned, install_exit_hook
+from dcp_datastates.kernels import XXH3_64  # what block_checksums computes by default
 
 
 @dataclass
