@@ -46,6 +46,11 @@ class HostBuffer:
     view: memoryview
     pinned: bool = False
 
+    @property
+    def address(self) -> int:
+        """Address of the buffer's first byte."""
+        return self.tensor.data_ptr()
+
 
 #: madvise(2) advice that faults pages in writable without writing them (Linux >= 5.14).
 _MADV_POPULATE_WRITE = 23

@@ -15,7 +15,7 @@ plus those passed to ``install_optimizer_guard``. A tensor counts as owned when 
 else -- including a view that starts elsewhere in a parameter -- is copied (conservative:
 a wrong guess costs a copy, never a torn checkpoint).
 
-How a capture copies:
+How a capture copies (plain dense tensors in groups, see ``batch_copy``; others one by one):
 * CPU tensors: a clone on the caller's thread.
 * CUDA tensors, when an optimizer is known: a clone on the caller's current stream. It is
   ordered after every kernel queued before the save and before every kernel queued after
@@ -46,6 +46,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from dcp_datastates.batch_copy import batchable, copy_tensors
 from dcp_datastates.step_guard import known_optimizers, note_optimizer  # noqa: F401 - note_optimizer re-exported
 
 logger = logging.getLogger(__name__)
@@ -162,7 +163,13 @@ def capture_mutable(state_dict: Mapping[str, Any], budget_bytes: int) -> Capture
             return [walk(v) for v in value]
         return leaf(value)
 
-    out.state_dict = {k: walk(v) for k, v in state_dict.items()}
+    try:
+        out.state_dict = {k: walk(v) for k, v in state_dict.items()}
+    finally:
+        # ``walk`` refers to itself through its closure: without this, the cycle (and through ``tensor``,
+        # ``out`` with every captured copy) lives until the garbage collector runs, keeping a capture
+        # arena in use (see ``batch_copy``) for no reason.
+        walk = None  # type: ignore[assignment]  # noqa: F841
     out.tensors_captured = len(pending)
     if out.bytes_captured > budget_bytes:
         # Too much is unguarded to copy aside (typically: no optimizer has stepped yet). The caller
@@ -171,10 +178,22 @@ def capture_mutable(state_dict: Mapping[str, Any], budget_bytes: int) -> Capture
         out.tensors_captured = 0
         return out
     if pending:
-        copies = {key: _copy(value, to_host, out) for key, value in pending.items()}
+        copies = _copy_pending(pending, to_host, out)
         out.private_ids = {id(c) for c in copies.values()}
         out.state_dict = _substitute(out.state_dict, copies)
     return out
+
+
+def _copy_pending(pending: dict[int, torch.Tensor], to_host: bool, out: CapturedState) -> dict[int, torch.Tensor]:
+    """Private copies of every pending tensor: plain dense ones in groups (``batch_copy``), the rest one by one."""
+    grouped = [key for key, value in pending.items() if batchable(value)]
+    copies = dict(zip(grouped, copy_tensors([pending[key] for key in grouped], to_host)))
+    if to_host and any(pending[key].device.type == "cuda" for key in grouped):
+        out.to_host = True
+    for key, value in pending.items():
+        if key not in copies:
+            copies[key] = _copy(value, to_host, out)
+    return copies
 
 
 def _copy(value: torch.Tensor, to_host: bool, out: CapturedState) -> torch.Tensor:

@@ -2,7 +2,9 @@
 
 Stock DCP never opens them, so checkpoints stay readable by ``FileSystemReader``; JSON
 rather than pickle, so reading them can never execute code. Each data file is covered
-by XXH64 checksums of consecutive ``block_bytes`` blocks (the last one may be short).
+by checksums of consecutive ``block_bytes`` blocks (the last one may be short), of the
+algorithm the side file names: ``"xxh3_64"`` (XXH3-64, seed 0) since it is what the writer
+uses, ``"xxh64"`` (XXH64, seed 0) in checkpoints written before; readers accept both.
 
 A side file can be deleted or edited, so it cannot vouch for itself: at commit the
 writer records every side file's SHA-256 inside ``.metadata`` (see ``metadata_check``),
@@ -19,7 +21,7 @@ import json
 import math
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -27,7 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, Validation
 
 from dcp_datastates.errors import CorruptCheckpointError
 
-ALGORITHM = "xxh64"
+#: The algorithm the writer checksums with (``kernels.XXH3_64``; named here so that reading
+#: side files never imports the kernels).
+ALGORITHM = "xxh3_64"
 CHECKSUM_FILE_SUFFIX = "checksums.json"
 #: Smallest and largest checksum block the reader accepts (the writer uses 4 KiB .. 1 MiB).
 MIN_BLOCK_BYTES, MAX_BLOCK_BYTES = 512, 1 << 30
@@ -42,11 +46,12 @@ class FileChecksums:
     size: int
     block_bytes: int
     blocks: tuple[int, ...]
+    algorithm: str = field(default_factory=lambda: ALGORITHM)
 
     def bad_blocks(self, data: memoryview, start: int) -> list[int]:
         """Indexes of the blocks of ``data`` (file bytes from ``start``, block-aligned) that differ."""
         first = start // self.block_bytes
-        actual = block_checksums(data, self.block_bytes)
+        actual = block_checksums(data, self.block_bytes, self.algorithm)
         return [
             first + i
             for i, value in enumerate(actual)
@@ -102,7 +107,7 @@ class _FileEntry(BaseModel):
 class _ChecksumDocument(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    algorithm: Literal["xxh64"]
+    algorithm: Literal["xxh3_64", "xxh64"]
     files: dict[str, _FileEntry]
 
 
@@ -170,7 +175,7 @@ def parse_checksum_file(data: bytes, source: str) -> dict[str, FileChecksums]:
         problem = plain_file_name_problem(name)
         if problem:
             raise CorruptCheckpointError(f"checksum file {source} names data file {name!r}, which {problem}")
-        out[name] = FileChecksums(entry.size, entry.block_bytes, tuple(int(b, 16) for b in entry.blocks))
+        out[name] = FileChecksums(entry.size, entry.block_bytes, tuple(int(b, 16) for b in entry.blocks), parsed.algorithm)
     return out
 
 
@@ -179,7 +184,7 @@ def sha256_hex(data: bytes) -> str:
 
 
 def checksums_of(data: bytes | memoryview, block_bytes: int) -> FileChecksums:
-    return FileChecksums(len(data), block_bytes, tuple(block_checksums(data, block_bytes)))
+    return FileChecksums(len(data), block_bytes, tuple(block_checksums(data, block_bytes, ALGORITHM)), ALGORITHM)
 
 
 def load_checksums(directory: Path) -> dict[str, FileChecksums]:
@@ -194,8 +199,8 @@ def load_checksums(directory: Path) -> dict[str, FileChecksums]:
     return merged
 
 
-def block_checksums(data: object, block_bytes: int) -> list[int]:
-    """The numba XXH64 kernel (``kernels``), loaded on first use: reading metadata never pays for numba."""
+def block_checksums(data: object, block_bytes: int, algorithm: str = ALGORITHM) -> list[int]:
+    """Block checksums from ``kernels``, loaded on first use: reading metadata never pays for numba."""
     from dcp_datastates.kernels import block_checksums as kernel
 
-    return kernel(data, block_bytes)
+    return kernel(data, block_bytes, algorithm)

@@ -92,7 +92,7 @@ class DataStatesConfig(BaseModel):
 
     checksums: bool = Field(
         True,
-        description="Compute XXH64 checksums of every data-file block while staging and store them in a "
+        description="Compute XXH3-64 checksums of every data-file block while staging and store them in a "
         "per-rank side file (stock DCP ignores it); DataStatesReader and `dcp-datastates verify` check them.",
     )
     multilevel: MultiLevelConfig | None = Field(

@@ -342,7 +342,7 @@ class Snapshot:
         result.tensor_bytes = size
         result.tensor_writes = stream.writes_submitted
         result.device_copies, result.copy_events = stream.device_copies, stream.copy_events
-        checksums[self.layout.tensor_file] = FileChecksums(size, block_bytes, tuple(stream.checksums))
+        checksums[self.layout.tensor_file] = FileChecksums(size, block_bytes, tuple(stream.checksums), stream.checksum_algorithm)
 
     def _copy_held(self, result: SnapshotResult, copy_stream: "torch.cuda.Stream | None") -> None:
         """Copy every held item out of the live state into host memory of its own (never the pool)."""

@@ -23,11 +23,31 @@ from dcp_datastates.cli import main as cli_main
 from dcp_datastates.kernels import block_checksums, xxh64
 
 
-@given(st.binary(min_size=0, max_size=5000), st.integers(min_value=1, max_value=700))
-@settings(max_examples=200, deadline=None)
-def test_block_checksums_match_reference_xxh64(data, block):
-    expected = [xxhash.xxh64_intdigest(data[i : i + block]) for i in range(0, len(data), block)]
-    assert block_checksums(data, block) == expected
+#: The reference implementation of each algorithm a side file may name (the C library the xxhash package wraps).
+REFERENCE = {"xxh3_64": xxhash.xxh3_64_intdigest, "xxh64": xxhash.xxh64_intdigest}
+
+
+@pytest.mark.parametrize("algorithm", sorted(REFERENCE))
+@given(st.binary(min_size=0, max_size=5000), st.integers(min_value=1, max_value=700), st.integers(0, 63))
+@settings(max_examples=100, deadline=None)
+def test_block_checksums_match_the_reference_at_odd_sizes_and_offsets(algorithm, data, block, offset):
+    """Unaligned starts (``offset`` into the buffer), odd block sizes and ragged tails, both algorithms."""
+    view = memoryview(bytes(offset) + data)[offset:]
+    expected = [REFERENCE[algorithm](data[i : i + block]) for i in range(0, len(data), block)]
+    assert block_checksums(view, block, algorithm) == expected
+
+
+def test_the_writers_algorithm_is_xxh3_and_the_per_block_fallback_gives_the_same_values(monkeypatch):
+    """Without the package's C entry point the kernel hashes block by block through its public API: same values."""
+    from dcp_datastates import checksums
+    from dcp_datastates.kernels import checksum
+
+    assert checksums.ALGORITHM == "xxh3_64"
+    data = np.random.default_rng(3).integers(0, 256, 3 * 2**20 + 17, dtype=np.uint8)
+    fast = block_checksums(data, 2**20)
+    assert checksum._native_xxh3 not in (None, False)  # this build of xxhash exports XXH3: the one-call path ran
+    monkeypatch.setattr(checksum, "_native_xxh3", None)
+    assert block_checksums(data, 2**20) == fast == [REFERENCE["xxh3_64"](data[i : i + 2**20].tobytes()) for i in range(0, len(data), 2**20)]
 
 
 @pytest.mark.parametrize("length", [1, 7, 31, 32, 33, 1023, 4097, 1_000_003])
@@ -36,28 +56,64 @@ def test_xxh64_odd_lengths_and_offsets(length):
     assert int(xxh64(data, 13, length, np.uint64(0))) == xxhash.xxh64_intdigest(data[13:].tobytes())
 
 
+@pytest.mark.parametrize("algorithm", sorted(REFERENCE))
 @pytest.mark.parametrize("size, block", [(3 * 2**20 + 4093, 2**20), (2**20 + 7, 4096), (5 * 2**20 - 1, 65_537)])
-def test_block_checksums_match_reference_xxh64_over_several_mib(size, block):
+def test_block_checksums_match_the_reference_over_several_mib(size, block, algorithm):
     """Many blocks and a ragged tail (the 5,000-byte property test cannot reach 1 MiB blocks)."""
     data = np.random.default_rng(size).integers(0, 256, size, dtype=np.uint8).tobytes()
-    expected = [xxhash.xxh64_intdigest(data[i : i + block]) for i in range(0, size, block)]
-    assert len(expected) >= 4 and block_checksums(data, block) == expected
+    expected = [REFERENCE[algorithm](data[i : i + block]) for i in range(0, size, block)]
+    assert len(expected) >= 4 and block_checksums(data, block, algorithm) == expected
 
 
-def test_stored_checksums_of_mib_sized_odd_records_match_reference_xxh64(tmp_path, engine):
+def test_stored_checksums_of_mib_sized_odd_records_match_reference_xxh3(tmp_path, engine):
     """Default 1 MiB checksum blocks over files of a few MiB with odd-sized records, both engines."""
     state = {"odd": torch.randint(0, 256, (3 * 2**20 + 4093,), dtype=torch.uint8), "f": torch.randn(300_001), "step": 7}
     config = small_config(engine, chunk_bytes="1MiB", host_pool_bytes="4MiB")
     dcp.save(state, storage_writer=DataStatesWriter(tmp_path / "c", config), no_dist=True)
     (side,) = list((tmp_path / "c").glob("__0_*_checksums.json"))
-    files = json.loads(side.read_text())["files"]
-    assert len(files) == 2  # the tensor file and the object file
+    document = json.loads(side.read_text())
+    files = document["files"]
+    assert document["algorithm"] == "xxh3_64" and len(files) == 2  # the tensor file and the object file
     for name, entry in files.items():
         contents = (tmp_path / "c" / name).read_bytes()
         block = entry["block_bytes"]
         assert entry["size"] == len(contents) and (block == 2**20 or len(contents) < 2**20)
-        assert [int(b, 16) for b in entry["blocks"]] == [xxhash.xxh64_intdigest(contents[i : i + block]) for i in range(0, len(contents), block)]
+        assert [int(b, 16) for b in entry["blocks"]] == [xxhash.xxh3_64_intdigest(contents[i : i + block]) for i in range(0, len(contents), block)]
     assert len(files[data_file(tmp_path / "c").name]["blocks"]) >= 4
+
+
+def test_checkpoints_checksummed_with_xxh64_still_verify_and_still_catch_a_flipped_byte(tmp_path):
+    """Checkpoints written before XXH3 name "xxh64" in their side files: the reader and verify use XXH64 for them.
+
+    The old checkpoint is made as the old writer made it: the same files, the side file holding
+    XXH64 values of the same blocks and naming "xxh64", sealed into ``.metadata``.
+    """
+    from dcp_datastates.metadata_check import INTEGRITY_ATTR, seal_metadata
+    from dcp_datastates.verify import verify_checkpoint
+
+    state = {"clean": torch.ones(100), "victim": torch.arange(5000.0), "step": 3}
+    save(tmp_path / "c", state)
+    (side,) = list((tmp_path / "c").glob("__0_*_checksums.json"))
+    document = json.loads(side.read_text())
+    for name, entry in document["files"].items():
+        contents, block = (tmp_path / "c" / name).read_bytes(), entry["block_bytes"]
+        entry["blocks"] = [f"{xxhash.xxh64_intdigest(contents[i : i + block]):016x}" for i in range(0, len(contents), block)]
+    document["algorithm"] = "xxh64"
+    side.write_text(json.dumps(document))
+    metadata = pickle.loads((tmp_path / "c" / ".metadata").read_bytes())
+    seal_metadata(metadata, tmp_path / "c", list(vars(metadata)[INTEGRITY_ATTR]["checksum_files"]))
+    (tmp_path / "c" / ".metadata").write_bytes(pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL))
+
+    reader = DataStatesReader(tmp_path / "c")
+    out = {"clean": torch.zeros(100), "victim": torch.zeros(5000), "step": 0}
+    dcp.load(out, storage_reader=reader, no_dist=True)
+    assert torch.equal(out["victim"], state["victim"]) and out["step"] == 3
+    assert reader.last_read.bytes_verified == reader.last_read.bytes_read > 0
+    assert verify_checkpoint(tmp_path / "c").status == "verified"
+    flip_byte_inside(tmp_path / "c", "victim")
+    with pytest.raises(CheckpointException, match=r"ChecksumMismatchError: checksum mismatch in .*'victim'"):
+        dcp.load({"clean": torch.zeros(100), "victim": torch.zeros(5000)}, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
+    assert verify_checkpoint(tmp_path / "c").status == "damaged"
 
 
 def save(path, state, engine="io_uring"):
@@ -87,11 +143,11 @@ def test_checksums_are_stored_beside_the_data_and_stock_dcp_ignores_them(tmp_pat
     save(tmp_path / "c", state, engine)
     (side,) = list((tmp_path / "c").glob("__0_*_checksums.json"))
     document = json.loads(side.read_text())
-    assert document["algorithm"] == "xxh64"
+    assert document["algorithm"] == "xxh3_64"
     for name, entry in document["files"].items():
         contents = (tmp_path / "c" / name).read_bytes()
         assert entry["size"] == len(contents)
-        reference = [xxhash.xxh64_intdigest(contents[i : i + entry["block_bytes"]]) for i in range(0, len(contents), entry["block_bytes"])]
+        reference = [xxhash.xxh3_64_intdigest(contents[i : i + entry["block_bytes"]]) for i in range(0, len(contents), entry["block_bytes"])]
         assert [int(b, 16) for b in entry["blocks"]] == reference  # the reference package, not our kernel
     out = zeros_like_state(state)
     dcp.load(out, storage_reader=dcp.FileSystemReader(tmp_path / "c"), no_dist=True)
@@ -251,8 +307,13 @@ def test_cli_bench_json_runs_every_method_side_by_side(tmp_path):
 
     saved = state_bytes(make_state(int(0.07 * 2**30), "cpu"))
     assert report["save"]["bytes"] == saved and saved <= report["verify"]["bytes"] < saved + 2**20  # what was measured
-    for part in ("save", "verify"):
+    assert report["busy"] is False and "load average" in report["machine"]
+    small = [row["method"] for row in report["save_small"]["rows"]]
+    assert report["save_small"]["tensors"] == 1000 and "DataStatesWriter" in small and "stock FileSystemWriter" in small
+    for part in ("save", "verify", "save_small", "load", "load_small"):
         for row in report[part]["rows"]:
             assert len(row["seconds"]) == 1 and row["median_seconds"] == row["seconds"][0] > 0
             assert row["median_gib_per_s"] == pytest.approx(report[part]["bytes"] / row["median_seconds"] / 2**30)
+            assert len(row["cpu_seconds"]) == 1 and row["cpu_seconds"][0] >= 0  # CPU of every run, every row
+            assert row["cpu_seconds_per_gib"] == pytest.approx(row["cpu_seconds"][0] / (report[part]["bytes"] / 2**30))
     assert list(tmp_path.iterdir()) == []  # the benchmark cleans up after itself
