@@ -40,7 +40,7 @@ from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.checksums import FileChecksums, checksums_of
 from dcp_datastates.chunk_stream import ChunkedFileStream, check_still_linked
 from dcp_datastates.config import DataStatesConfig
-from dcp_datastates.framing import tensor_bytes_view
+from dcp_datastates.framing import can_frame, serialize_whole, tensor_bytes_view
 from dcp_datastates.held import HeldItem
 from dcp_datastates.layout import RankLayout
 from dcp_datastates.native import create_engine, open_for_write
@@ -229,7 +229,7 @@ class Snapshot:
         try:
             for item in self.layout.object_items:
                 check_not_abandoned()
-                payload = self._resolve(item).getbuffer()  # type: ignore[union-attr]
+                payload = _whole_record(item, self._resolve(item))
                 result.records[item.index] = RecordLocation(self.layout.object_file, len(contents), len(payload))
                 contents += payload
         finally:
@@ -303,8 +303,9 @@ class Snapshot:
         """Copy every held item out of the live state into host memory of its own (never the pool)."""
         for item in self.held:
             obj = self._resolve(item)
-            if item.tensor_data is None:  # an object: its pickle
-                result.held[item.index] = HeldItem(item, payload=bytes(obj.getbuffer()))  # type: ignore[union-attr]
+            if item.tensor_data is None or not can_frame(item.tensor_data.properties.dtype):
+                # an object's pickle, or a tensor our framing cannot hold (quantized), serialized whole now
+                result.held[item.index] = HeldItem(item, payload=bytes(_whole_record(item, obj)))
                 continue
             _check_tensor_matches(item, obj)
             flat = tensor_bytes_view(obj)  # type: ignore[arg-type]
@@ -403,6 +404,14 @@ class _ObjectsThread:
     def raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _whole_record(item: WriteItem, value: object) -> bytes | memoryview:
+    """A record serialized whole: an object's pickle (the planner's ``BytesIO``), or a tensor as stock writes it."""
+    if item.tensor_data is None:
+        return value.getbuffer()  # type: ignore[union-attr]
+    _check_tensor_matches(item, value)
+    return serialize_whole(value)  # type: ignore[arg-type]
 
 
 def _check_tensor_matches(item: WriteItem, tensor: object) -> None:
