@@ -114,7 +114,7 @@ def engine(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def make_writer(engine: str):
-    def _make(path: Path | str, overwrite: bool = False, **overrides: object) -> DataStatesWriter:
+    def _make(path: Path | str, overwrite: bool = True, **overrides: object) -> DataStatesWriter:
         return DataStatesWriter(path, small_config(engine, **overrides), overwrite=overwrite)
 
     return _make
