@@ -27,14 +27,24 @@ from dcp_datastates.errors import (
     MissingKeysError,
     UnsafeCheckpointError,
     UnsupportedCheckpointError,
+    UnverifiedCheckpointError,
 )
 from dcp_datastates.guard import install_optimizer_guard, wait_staged
 from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
 from dcp_datastates.reader import DataStatesReader
 from dcp_datastates.writer import DataStatesWriter
+from dcp_datastates.tiers import MultiLevelConfig, TierConfigError  # noqa: E402
+from dcp_datastates.tier_runtime import flush_tiers, shutdown_tiers  # noqa: E402
+from dcp_datastates.tier_restore import find_restorable, restore  # noqa: E402
 
 __all__ = [
     "__version__",
+    "MultiLevelConfig",
+    "TierConfigError",
+    "find_restorable",
+    "flush_tiers",
+    "restore",
+    "shutdown_tiers",
     "CheckpointExistsError",
     "CheckpointIOError",
     "CheckpointPathError",
@@ -51,6 +61,7 @@ __all__ = [
     "MissingKeysError",
     "UnsafeCheckpointError",
     "UnsupportedCheckpointError",
+    "UnverifiedCheckpointError",
     "install_optimizer_guard",
     "wait_staged",
 ]

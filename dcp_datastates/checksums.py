@@ -64,7 +64,8 @@ def checksum_file_name(file_prefix: str) -> str:
     return f"{file_prefix}{CHECKSUM_FILE_SUFFIX}"
 
 
-def write_checksum_file(path: Path, files: dict[str, FileChecksums], fsync: bool) -> None:
+def encode_checksum_file(files: dict[str, FileChecksums]) -> bytes:
+    """A side file's bytes (the writer creates it through the directory's descriptor, see ``dir_files``)."""
     document = {
         "algorithm": ALGORITHM,
         "files": {
@@ -72,11 +73,7 @@ def write_checksum_file(path: Path, files: dict[str, FileChecksums], fsync: bool
             for name, fc in files.items()
         },
     }
-    with open(path, "w") as f:
-        json.dump(document, f)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
+    return json.dumps(document).encode()
 
 
 # -- reading side files: strict schema ---------------------------------------------------------
@@ -123,10 +120,15 @@ def plain_file_name_problem(name: object) -> str | None:
     return None
 
 
-def read_regular_file(path: Path, limit: int, what: str) -> bytes:
-    """Bytes of ``path`` if it is a regular file (not a link, FIFO or directory) of at most ``limit`` bytes."""
+def read_regular_file(path: Path, limit: int, what: str, dir_fd: int | None = None) -> bytes:
+    """Bytes of ``path`` if it is a regular file (not a link, FIFO or directory) of at most ``limit`` bytes.
+
+    With ``dir_fd``, ``path``'s name is opened in that directory (the one a save claimed).
+    """
+    at = {} if dir_fd is None else {"dir_fd": dir_fd}
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path if dir_fd is None else path.name,
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), **at)
     except FileNotFoundError:
         raise
     except OSError as exc:

@@ -28,7 +28,7 @@ import torch
 
 from dcp_datastates.buffer_pool import HostBuffer, HostBufferPool
 from dcp_datastates.config import DIRECT_IO_ALIGNMENT
-from dcp_datastates.errors import CheckpointDirectoryChangedError
+from dcp_datastates.dir_files import check_still_linked
 from dcp_datastates.kernels import block_checksums
 from dcp_datastates.native import OpenedFile, WriteEngine, WriteRequest
 from dcp_datastates.shutdown import check_not_abandoned, install_exit_hook
@@ -43,30 +43,6 @@ class _Sealed:
     length: int  # bytes to write (``used`` rounded up to the O_DIRECT alignment for the tail)
     offset: int  # file offset of its first byte
     copied: "torch.cuda.Event | None"  # recorded after its device copies, if any
-
-
-def check_still_linked(fd: int, path: str) -> None:
-    """Fail if the file written through ``fd`` is no longer what ``path`` names.
-
-    ``rm -rf`` of the checkpoint directory mid-save does not stop writes into open files:
-    they land in unlinked inodes, and a commit would publish ``.metadata`` for files that
-    do not exist. Checked after the data is durable, right before the rank reports it.
-    """
-    written = os.fstat(fd)
-    replaced = written.st_nlink == 0
-    if not replaced:
-        try:
-            named = os.stat(path)
-        except FileNotFoundError:
-            replaced = True
-        else:
-            replaced = (named.st_dev, named.st_ino) != (written.st_dev, written.st_ino)
-    if replaced:
-        raise CheckpointDirectoryChangedError(
-            f"{path} was removed or replaced while this checkpoint was being written (was the checkpoint "
-            "directory deleted, or is another job saving into it?); the save is not committed. "
-            "Save again into a directory nothing else touches."
-        )
 
 
 def checksum_threads() -> int:
@@ -305,7 +281,11 @@ class ChunkedFileStream:
             os.ftruncate(self._target.fd, size)
             if fsync:
                 os.fsync(self._target.fd)
-            check_still_linked(self._target.fd, self._target.path)
+            target = self._target
+            if target.dir_fd is None:
+                check_still_linked(target.fd, target.path)
+            else:  # created relative to the checkpoint directory's descriptor: checked against that directory
+                check_still_linked(target.fd, os.path.basename(target.path), target.dir_fd, target.path)
         finally:
             self.abort()
         return size

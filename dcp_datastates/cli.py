@@ -1,19 +1,25 @@
 """``dcp-datastates`` / ``python -m dcp_datastates``: look inside, verify, convert, benchmark.
 
     dcp-datastates inspect PATH [--json] [--trust]
-    dcp-datastates verify PATH [--json] [--no-progress] [--trust]
-    dcp-datastates convert PATH OUT --to torch|safetensors [--json] [--trust]
+    dcp-datastates verify PATH [--json] [--no-progress] [--trust] [INTEGRITY]
+    dcp-datastates convert PATH OUT --to torch|safetensors [--json] [--trust] [INTEGRITY]
     dcp-datastates bench [--size-gib N --repeats N --dir DIR --device cpu|cuda]
     dcp-datastates --version
 
+INTEGRITY (see docs/integrity.md): --integrity if-present|required, and the key of a keyed
+seal from --key-file FILE or --key-env NAME (default: DCP_DATASTATES_INTEGRITY_KEY, if set;
+--no-key ignores it). A key implies --integrity required. Never pass a key on the command line.
+
 Exit codes:
-  0  success (verify: every data file verified against its checksums)
+  0  success (verify: every data file verified against checksums its seal vouches for;
+     with a key, a seal made with that key)
   1  the checkpoint is damaged (a data, checksum or .metadata file is missing, short,
-     altered or malformed)
+     altered or malformed, or its keyed seal does not verify: forged or altered)
   2  usage error, or input that cannot be used: no such path, not a checkpoint,
      unreadable, or content refused as unsafe without --trust
-  3  verify only: nothing wrong found, but unverified -- saved without checksums
-     (stock DCP, or checksums=False), so only sizes could be checked
+  3  nothing wrong found, but unverified: no seal (stock DCP, or the seal was removed),
+     saved with checksums=False, or not sealed with the key given, so only sizes could be
+     checked (verify; convert too, when --integrity required or a key refuses it)
 
 With --json, results and errors alike are printed as JSON on stdout.
 """
@@ -21,10 +27,12 @@ With --json, results and errors alike are printed as JSON on stdout.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
 import re
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -33,12 +41,15 @@ import torch
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, TensorStorageMetadata
 
 from dcp_datastates import __version__
+from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.errors import (
     CheckpointIOError,
     CheckpointPathError,
     CorruptCheckpointError,
     DataStatesError,
+    UnverifiedCheckpointError,
 )
+from dcp_datastates.integrity import KEY_ENV, IntegrityPolicy
 from dcp_datastates.metadata_check import read_checkpoint_metadata
 from dcp_datastates.reader import DataStatesReader
 
@@ -112,22 +123,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 # -- verify ------------------------------------------------------------------------------------
+def integrity_config(args: argparse.Namespace) -> DataStatesConfig:
+    """The integrity policy the command line asks for (key from a file or a variable, never argv)."""
+    fields: dict[str, Any] = {"integrity": args.integrity}
+    if args.no_key:
+        fields["integrity_key"] = None
+    elif args.key_file:
+        try:
+            fields["integrity_key"] = Path(args.key_file).read_bytes().rstrip(b"\r\n")
+        except OSError as exc:
+            raise _UsageError(f"cannot read the key file {args.key_file!r}: {exc.strerror or exc}") from None
+    elif args.key_env:
+        if args.key_env not in os.environ:
+            raise _UsageError(f"--key-env {args.key_env}: that environment variable is not set")
+        fields["integrity_key"] = os.environ[args.key_env]
+    try:
+        return DataStatesConfig(**fields)
+    except ValueError as exc:  # pydantic's message names the field and the fix
+        raise _UsageError(str(exc)) from None
+
+
+def _seal_words(report: Any, policy: IntegrityPolicy) -> str:
+    if report.keyed:
+        return f"seal keyed (key id {policy.key_id})"
+    return "seal unkeyed (it detects damage and naive edits, not forgery; see docs/integrity.md)"
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from dcp_datastates.verify import DAMAGED, VERIFIED, planned_bytes, verify_checkpoint
 
+    policy = IntegrityPolicy.of(integrity_config(args))
     quiet = args.no_progress or args.json
     read_checkpoint_metadata(args.path, trust=args.trust)  # an unusable checkpoint fails before any progress bar
-    total = 0 if quiet else planned_bytes(args.path, trust=args.trust)
+    total = 0 if quiet else planned_bytes(args.path, trust=args.trust, policy=policy)
     with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="verify",
               disable=quiet, file=sys.stderr) as bar:
-        report = verify_checkpoint(args.path, progress=bar.update, trust=args.trust)
+        report = verify_checkpoint(args.path, progress=bar.update, trust=args.trust, policy=policy)
     rate = report.bytes_verified / report.seconds if report.seconds else 0.0
     code = {VERIFIED: EXIT_OK, DAMAGED: EXIT_DAMAGED}.get(report.status, EXIT_UNVERIFIED)
     if args.json:
         print(json.dumps({"path": report.path, "status": report.status, "ok": report.ok, "exit_code": code,
-                          "saved_with_checksums": report.saved_with_checksums,
+                          "saved_with_checksums": report.saved_with_checksums, "sealed": report.sealed,
+                          "keyed": report.keyed, "key_id": policy.key_id, "required": policy.enforced,
+                          "unverified_reasons": report.unverified_reasons,
                           "files_verified": report.files_verified, "files_unverified": report.files_unverified,
                           "bytes_verified": report.bytes_verified, "seconds": report.seconds,
                           "problems": [vars(p) for p in report.problems]}, indent=2))
@@ -135,28 +175,33 @@ def cmd_verify(args: argparse.Namespace) -> int:
     for p in report.problems:
         keys = ", ".join(repr(k) for k in p.keys) or "no recorded key"
         print(f"CORRUPT {p.file} at offset {p.offset} ({p.length} bytes): {p.reason}; affects {keys}")
+    for reason in report.unverified_reasons:
+        print(f"unverified: {reason}")
     for name in report.files_unverified:
-        print(f"unverified {name}: no checksums recorded (saved without checksums); sizes checked only")
+        print(f"unverified {name}: no checksums recorded; sizes checked only")
     summary = (f"{_plural(report.files_verified, 'file')}, {_human(report.bytes_verified)} verified "
                f"in {report.seconds:.2f} s ({_human(rate)}/s)")
     if report.status == DAMAGED:
         print(f"DAMAGED ({_plural(len(report.problems), 'problem')}): {summary}")
     elif report.status == VERIFIED:
-        print(f"VERIFIED: {summary}")
+        print(f"VERIFIED: {summary}; {_seal_words(report, policy)}")
     else:
-        print(f"UNVERIFIED (saved without checksums): no problem found, but {_plural(len(report.files_unverified), 'file')} "
-              f"could only be size-checked; {summary}")
+        why = ("saved without checksums" if report.sealed and not report.saved_with_checksums
+               else "no seal" if not report.sealed else "not sealed with your key" if policy.key is not None
+               else "not verified end to end")
+        print(f"UNVERIFIED ({why}): no problem found, but not verified end to end; {summary}, "
+              f"{_plural(len(report.files_unverified), 'file')} size-checked only")
     return code
 
 
 # -- convert -----------------------------------------------------------------------------------
-def load_full_state(path: str, trust: bool) -> dict[str, Any]:
+def load_full_state(path: str, trust: bool, config: DataStatesConfig | None = None) -> dict[str, Any]:
     """The whole checkpoint as one nested state dict on CPU (all shards assembled)."""
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
     state: dict[str, Any] = {}
-    _load_state_dict(state, storage_reader=DataStatesReader(path, trust_checkpoint=trust),
+    _load_state_dict(state, storage_reader=DataStatesReader(path, trust_checkpoint=trust, config=config),
                      planner=_EmptyStateDictLoadPlanner(), no_dist=True)
     return state
 
@@ -172,29 +217,53 @@ def _flatten(state: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def cmd_convert(args: argparse.Namespace) -> int:
-    out = Path(args.out)
-    if not out.parent.is_dir():
-        raise CheckpointPathError(f"cannot write {str(out)!r}: directory {str(out.parent)!r} does not exist; create it first")
+def check_convert_output(checkpoint: str | os.PathLike, out: Path) -> None:
+    """Refuse an output that would destroy the input: the checkpoint itself, or anything inside it."""
+    source = Path(checkpoint).resolve()
+    target = out.resolve()  # symbolic links resolved: a link into the checkpoint is inside it too
+    parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise CheckpointPathError(f"cannot write {str(out)!r}: {str(parent)!r} is a file, not a directory")
+    if not parent.is_dir():
+        raise CheckpointPathError(f"cannot write {str(out)!r}: directory {str(parent)!r} does not exist; create it first")
+    if target == source or source in target.parents:
+        raise CheckpointPathError(
+            f"cannot write {str(out)!r}: it is {'the input checkpoint' if target == source else 'inside the input checkpoint'} "
+            f"{str(checkpoint)!r}, and writing there would destroy it; name an output outside the checkpoint directory"
+        )
     if out.is_dir():
         raise CheckpointPathError(f"cannot write {str(out)!r}: it is a directory; name the output file")
+
+
+def _new_file(path: Path) -> io.BufferedWriter:
+    """A new file ``path`` (created exclusively, never through a link), open for writing."""
+    return open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o644), "wb")
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    check_convert_output(args.path, out)
+    config = integrity_config(args)
     if args.to == "safetensors":
         try:
-            from safetensors.torch import save_file
+            from safetensors.torch import save as save_safetensors
         except ImportError:
             raise _UsageError("convert --to safetensors needs the safetensors package: "
                               "pip install 'dcp-datastates[safetensors]'") from None
-    state = load_full_state(args.path, args.trust)
-    tmp = out.with_name(f".{out.name}.partial")  # a failed convert never leaves a half-written OUT
+    state = load_full_state(args.path, args.trust, config)
+    check_convert_output(args.path, out)  # again: the paths may have changed while it loaded
+    # a failed convert never leaves a half-written OUT; the temporary name is new and unpredictable
+    tmp = out.with_name(f".{out.name}.{secrets.token_hex(8)}.partial")
     try:
-        if args.to == "torch":
-            torch.save(state, tmp)
-        else:
-            flat = _flatten(state)
-            tensors = {k: v.contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}
-            objects = {k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)}
-            # safetensors holds only tensors; other state travels as JSON in its string metadata.
-            save_file(tensors, str(tmp), metadata={"dcp_datastates.objects": json.dumps(objects, default=repr)})
+        with _new_file(tmp) as f:
+            if args.to == "torch":
+                torch.save(state, f)
+            else:
+                flat = _flatten(state)
+                tensors = {k: v.contiguous() for k, v in flat.items() if isinstance(v, torch.Tensor)}
+                objects = {k: v for k, v in flat.items() if not isinstance(v, torch.Tensor)}
+                # safetensors holds only tensors; other state travels as JSON in its string metadata.
+                f.write(save_safetensors(tensors, metadata={"dcp_datastates.objects": json.dumps(objects, default=repr)}))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -222,6 +291,15 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: {message}")
 
 
+def _integrity_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--integrity", choices=["if-present", "required"], default="if-present",
+                   help="required: refuse a checkpoint not verified end to end (no seal, no checksums)")
+    key = p.add_mutually_exclusive_group()
+    key.add_argument("--key-file", metavar="FILE", help="file holding the integrity key (implies --integrity required)")
+    key.add_argument("--key-env", metavar="NAME", help=f"environment variable holding the key (default {KEY_ENV})")
+    key.add_argument("--no-key", action="store_true", help=f"ignore {KEY_ENV}: check no keyed seal")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dcp-datastates", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -236,12 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--trust", action="store_true", help=trust_help)
+    _integrity_arguments(p)
     p = sub.add_parser("convert", help="consolidated single-file export")
     p.add_argument("path")
     p.add_argument("out")
     p.add_argument("--to", choices=["torch", "safetensors"], required=True)
     p.add_argument("--json", action="store_true")
     p.add_argument("--trust", action="store_true", help=trust_help)
+    _integrity_arguments(p)
     sub.add_parser("bench", help="save throughput: ours vs stock DCP (see python -m dcp_datastates.bench -h)", add_help=False)
     return parser
 
@@ -257,7 +337,9 @@ def _unwrap(exc: BaseException) -> BaseException:
 
 
 def exit_code_for(exc: BaseException) -> int:
-    """1 for a damaged checkpoint, 2 for everything that makes the input unusable as given."""
+    """1 for a damaged checkpoint, 3 for one the integrity policy refuses as unverified, 2 for the rest."""
+    if isinstance(exc, UnverifiedCheckpointError):
+        return EXIT_UNVERIFIED
     if isinstance(exc, (CorruptCheckpointError, CheckpointIOError)) and not isinstance(exc, CheckpointPathError):
         return EXIT_DAMAGED
     return EXIT_UNUSABLE
@@ -285,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             kind, code = "internal", EXIT_UNUSABLE
             message = f"unexpected {type(exc).__name__}: {exc} (a bug in dcp-datastates; please report it)"
         if as_json:
-            print(json.dumps({"ok": False, "status": "damaged" if code == EXIT_DAMAGED else "error",
+            status = {EXIT_DAMAGED: "damaged", EXIT_UNVERIFIED: "unverified"}.get(code, "error")
+            print(json.dumps({"ok": False, "status": status,
                               "error": kind, "message": message, "exit_code": code}, indent=2))
         else:
             print(f"error: {message}", file=sys.stderr)

@@ -1,13 +1,17 @@
 """Atomic commit: a checkpoint is visible only once every byte of it is durable.
 
 The protocol (the commit step):
-1. every rank writes its data files under names unique to this save, fsyncs them, and
-   checks they are still linked under their names (``chunk_stream.check_still_linked``);
+1. every rank writes its data files under names unique to this save -- each created
+   exclusively, never through a link (``dir_files``) -- fsyncs them, and checks they are
+   still linked under their names (``dir_files.check_still_linked``);
 2. the coordinator opens the directory the save *started* in (same device and inode, see
-   ``save_claim``) and checks that every file the metadata references is there, at least
-   as long as its records need -- a directory removed or files replaced mid-save fail here;
-3. it pickles ``Metadata`` to a temporary name, fsyncs it, and renames it to
-   ``.metadata`` -- the single atomic act that makes the checkpoint exist;
+   ``save_claim``) and checks that every file the metadata references is there, a regular
+   file at least as long as its records need -- a directory removed or files replaced
+   mid-save fail here; then it seals ``.metadata`` (``metadata_check.seal_metadata``,
+   reading the side files through that descriptor);
+3. it pickles ``Metadata`` to a new file of an unpredictable temporary name (created
+   exclusively), fsyncs it, and renames it to ``.metadata`` -- the single atomic act
+   that makes the checkpoint exist;
 4. it fsyncs the directory so the rename and the new file names survive a crash;
 5. only then are the data files of a replaced checkpoint deleted.
 
@@ -20,15 +24,19 @@ never neither (``tests/test_commit_crash.py`` kills the process at each step).
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pickle
 import re
-from collections.abc import Iterable
+import secrets
+import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from torch.distributed.checkpoint.metadata import Metadata
 
+from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import METADATA_FILE
 from dcp_datastates.errors import CheckpointDirectoryChangedError, CheckpointIOError, CheckpointPathError
 from dcp_datastates.save_claim import DirectoryIdentity
@@ -78,11 +86,16 @@ def check_files(dir_fd: int, directory: Path, required: dict[str, int]) -> None:
     problems = []
     for name, size in sorted(required.items()):
         try:
-            actual = os.stat(name, dir_fd=dir_fd).st_size
+            info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             problems.append(f"{name} is missing")
             continue
-        if actual < size:
+        actual = info.st_size
+        if not stat.S_ISREG(info.st_mode):
+            problems.append(f"{name} is {'a symbolic link' if stat.S_ISLNK(info.st_mode) else 'not a regular file'}")
+        elif info.st_nlink != 1:  # ours have one link; another means it was replaced by a link to some other file
+            problems.append(f"{name} has {info.st_nlink} hard links")
+        elif actual < size:
             problems.append(f"{name} has {actual} bytes, its records need {size}")
     if problems:
         raise CheckpointDirectoryChangedError(
@@ -92,17 +105,24 @@ def check_files(dir_fd: int, directory: Path, required: dict[str, int]) -> None:
         )
 
 
-def write_temp_metadata(dir_fd: int, tmp_name: str, metadata: Metadata, fsync: bool) -> None:
-    fd = os.open(tmp_name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644, dir_fd=dir_fd)
-    with open(fd, "wb") as f:
-        pickle.dump(metadata, f, protocol=pickle.HIGHEST_PROTOCOL)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
+def temp_metadata_name(save_tag: str) -> str:
+    """An unpredictable name for the temporary ``.metadata`` (nobody can plant a link there in advance)."""
+    return f"{METADATA_FILE}.{save_tag}.{secrets.token_hex(16)}.tmp"
+
+
+def write_temp_metadata(dir_fd: int, tmp_name: str, metadata: Metadata | bytes, fsync: bool, directory: Path) -> None:
+    """Write ``metadata`` pickled -- or, as bytes, already pickled (tier copies publish the very same bytes) --
+    into a new file ``tmp_name`` (created exclusively, never through a link)."""
+    data = metadata if isinstance(metadata, bytes) else pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+    CheckpointDir(dir_fd, directory).write_new(tmp_name, data, fsync)
 
 
 def publish(dir_fd: int, tmp_name: str) -> None:
-    """The commit point: after this rename the new checkpoint exists, before it the old one does."""
+    """The commit point: after this rename the new checkpoint exists, before it the old one does.
+
+    It replaces the previous ``.metadata`` (an overwrite) -- the one name a save replaces; a
+    rename replaces the entry itself, never what a link there points at.
+    """
     os.replace(tmp_name, METADATA_FILE, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
 
 
@@ -132,14 +152,17 @@ def remove_stale_files(dir_fd: int, keep: set[str]) -> list[str]:
 
 def commit_checkpoint(
     identity: DirectoryIdentity,
-    metadata: Metadata,
+    metadata: Metadata | bytes,
     save_tag: str,
     *,
     fsync: bool,
     required: dict[str, int],
     keep: set[str],
+    seal: Callable[[int], None] | None = None,
 ) -> list[str]:
     """Run steps 2-5 of the protocol; return the stale files removed.
+
+    ``seal(dir_fd)`` runs once the files are checked, right before ``.metadata`` is written.
 
     Raises :class:`CheckpointDirectoryChangedError` (nothing published) when the directory
     or a file vanished, and :class:`CheckpointIOError` when the directory fsync fails after
@@ -150,17 +173,38 @@ def commit_checkpoint(
     dir_fd = identity.open()
     try:
         check_files(dir_fd, identity.path, required)
-        tmp_name = f"{METADATA_FILE}.{save_tag}.tmp"
+        if seal is not None:
+            try:
+                seal(dir_fd)
+            except FileNotFoundError as exc:  # a side file (or the directory) vanished after the check
+                raise identity.changed("or one of its checksum files was removed") from exc
+        tmp_name = temp_metadata_name(save_tag)
+        created = False
         try:
-            write_temp_metadata(dir_fd, tmp_name, metadata, fsync)
+            write_temp_metadata(dir_fd, tmp_name, metadata, fsync, identity.path)
+            created = True
             publish(dir_fd, tmp_name)
         except BaseException as exc:
-            try:
-                os.unlink(tmp_name, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
+            if created and not CheckpointDir(dir_fd, identity.path).is_regular(tmp_name):
+                raise  # renamed into place: published, whatever failed after it
+            if created or not isinstance(exc, CheckpointDirectoryChangedError):
+                try:  # ours (never a planted entry at the name: creation would have failed)
+                    os.unlink(tmp_name, dir_fd=dir_fd)
+                except FileNotFoundError:
+                    pass
             if isinstance(exc, FileNotFoundError):  # the directory was unlinked after step 2
                 raise identity.changed("was removed") from exc
+            if isinstance(exc, OSError) and exc.errno in (errno.EISDIR, errno.ENOTDIR, errno.ENOTEMPTY):
+                raise CheckpointPathError(
+                    f"cannot publish {identity.path / METADATA_FILE}: a directory is in its place; nothing was "
+                    "committed. Remove it and save again."
+                ) from exc
+            if isinstance(exc, OSError) and not isinstance(exc, CheckpointIOError):
+                raise CheckpointIOError(
+                    exc.errno or errno.EIO,
+                    f"cannot commit {str(identity.path)!r}: writing or renaming its .metadata failed "
+                    f"({exc.strerror or exc}); nothing was committed, the previous checkpoint is untouched",
+                ) from exc
             raise
         if fsync:
             try:

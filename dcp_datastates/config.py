@@ -8,10 +8,15 @@ Sizes accept plain integers (bytes) or strings such as ``"512MiB"`` / ``"2GiB"``
 from __future__ import annotations
 
 import math
+import os
 import re
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretBytes, field_validator, model_validator
+
+from dcp_datastates.integrity import KEY_ENV, MIN_KEY_BYTES
+
+from dcp_datastates.tiers import MultiLevelConfig
 
 #: O_DIRECT needs buffers, offsets and lengths aligned to the logical block size.
 #: 4096 covers every device we know of (512e and 4Kn disks, NVMe, ext4/xfs).
@@ -90,6 +95,59 @@ class DataStatesConfig(BaseModel):
         description="Compute XXH64 checksums of every data-file block while staging and store them in a "
         "per-rank side file (stock DCP ignores it); DataStatesReader and `dcp-datastates verify` check them.",
     )
+    multilevel: MultiLevelConfig | None = Field(
+        None,
+        description="Multi-level checkpoints (docs/multilevel.md): commit to a node-local directory first, keep a "
+        "partner copy on another node, drain to the checkpoint_id (shared path) in the background. None: "
+        "every save goes straight to the checkpoint_id.",
+    )
+
+    # -- integrity policy and keyed seal (docs/integrity.md) ------------------------------------------
+    integrity: Literal["if-present", "required"] = Field(
+        "if-present",
+        description="What a load or `verify` demands. 'if-present': a seal, where there is one, must match; "
+        "checkpoints without one (stock DCP) load unverified. 'required': refuse any checkpoint not verified "
+        "end to end (no seal, saved without checksums, a data file without checksums).",
+    )
+    integrity_key: SecretBytes | None = Field(
+        None,
+        description=f"Key (at least {MIN_KEY_BYTES} bytes) of the HMAC-SHA256 seal: a writer seals with it, a "
+        "reader refuses checkpoints not sealed with it (it implies integrity='required'). Defaults to the "
+        f"{KEY_ENV} environment variable; pass None explicitly to ignore that variable. Never printed.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _key_from_environment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "integrity_key" not in data and os.environ.get(KEY_ENV) is not None:
+            value = os.environ[KEY_ENV]
+            if len(value.encode()) < MIN_KEY_BYTES:
+                raise ValueError(
+                    f"the {KEY_ENV} environment variable holds {len(value.encode())} bytes; an integrity key must "
+                    f"have at least {MIN_KEY_BYTES} (e.g. python -c 'import secrets; print(secrets.token_hex(32))'), "
+                    "or unset the variable to save and load without a key"
+                )
+            data = {**data, "integrity_key": value}
+        return data
+
+    @field_validator("integrity_key")
+    @classmethod
+    def _key_long_enough(cls, value: SecretBytes | None) -> SecretBytes | None:
+        if value is not None and len(value.get_secret_value()) < MIN_KEY_BYTES:
+            raise ValueError(
+                f"integrity_key must have at least {MIN_KEY_BYTES} bytes, got {len(value.get_secret_value())} "
+                "(e.g. python -c 'import secrets; print(secrets.token_hex(32))')"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _required_needs_checksums(self) -> "DataStatesConfig":
+        if self.checksums is False and (self.integrity == "required" or self.integrity_key is not None):
+            raise ValueError(
+                "checksums=False saves checkpoints that cannot be verified end to end, which "
+                "integrity='required' and an integrity_key refuse to load; keep checksums=True"
+            )
+        return self
 
     @field_validator("chunk_bytes", "host_pool_bytes", mode="before")
     @classmethod

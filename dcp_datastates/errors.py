@@ -55,6 +55,15 @@ class CorruptCheckpointError(DataStatesError, ValueError):
     """
 
 
+class UnverifiedCheckpointError(DataStatesError, ValueError):
+    """The integrity policy demands a checkpoint verified end to end, and this one cannot be.
+
+    Raised under ``integrity='required'`` or an integrity key for a checkpoint without a seal
+    (stock DCP, or its seal removed), saved without checksums, or not sealed with the key.
+    The message says which, and how to load it anyway if you trust it.
+    """
+
+
 class UnsupportedCheckpointError(DataStatesError, ValueError):
     """The checkpoint uses a feature this reader cannot decode (the message starts "unsupported: <what>")."""
 

@@ -12,9 +12,7 @@ once, as stock ``dcp.save`` writes it.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.metadata import MetadataIndex
@@ -39,10 +37,13 @@ class HeldLocation:
     length: int
 
 
-def write_held_file(
-    path: Path, items: list[HeldItem], block_bytes: int, fsync: bool
-) -> tuple[dict[MetadataIndex, HeldLocation], FileChecksums]:
-    """Write ``items`` back to back into ``path`` (tensors as torch.save containers); return where each went."""
+def held_file_contents(
+    items: list[HeldItem], block_bytes: int
+) -> tuple[bytearray, dict[MetadataIndex, HeldLocation], FileChecksums]:
+    """``items`` back to back (tensors as torch.save containers), where each went, and the block checksums.
+
+    The writer creates the file through the checkpoint directory's descriptor (``dir_files``).
+    """
     contents = bytearray()
     where: dict[MetadataIndex, HeldLocation] = {}
     for held in items:
@@ -58,9 +59,4 @@ def write_held_file(
             assert held.payload is not None
             contents += held.payload
         where[held.item.index] = HeldLocation(start, len(contents) - start)
-    with open(path, "wb") as f:
-        f.write(contents)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    return where, checksums_of(contents, block_bytes)
+    return contents, where, checksums_of(contents, block_bytes)

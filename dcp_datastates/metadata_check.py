@@ -11,11 +11,12 @@ planner or reader acts on a ``.metadata``, this module
   object backed by a record large enough to hold it (so a tensor's size can never claim
   more memory than its files hold), and -- unless the checkpoint is trusted -- plain data
   only in ``planner_data`` and anything else stored there;
-- fails closed on integrity: a checkpoint saved by ``DataStatesWriter`` carries
-  :data:`INTEGRITY_ATTR` on its ``Metadata`` (a plain dict stock DCP ignores) with the
-  SHA-256 of its own content and of every checksum side file. Deleting or editing a side
-  file, or flipping a bit of ``.metadata``, is then an error naming the file -- never a
-  silent, unverified load.
+- checks the seal: a checkpoint saved by ``DataStatesWriter`` carries :data:`INTEGRITY_ATTR`
+  on its ``Metadata`` (a plain dict stock DCP ignores) with the SHA-256 of its content, of
+  every checksum side file and of the seal's own facts (optionally keyed: ``integrity``).
+  Deleting or editing a side file, editing the seal, or flipping a bit of ``.metadata`` is
+  then an error naming the file. What a checkpoint *without* a seal does -- loads
+  unverified, or is refused -- is the reader's integrity policy (``integrity``).
 
 Every failure is one of our typed errors naming the file and what is wrong.
 """
@@ -60,12 +61,14 @@ from dcp_datastates.errors import (
     CorruptCheckpointError,
     DataStatesError,
     IncompleteCheckpointError,
+    UnverifiedCheckpointError,
 )
+from dcp_datastates.integrity import KEY_ENV, IntegrityPolicy, key_id, mac_matches, seal_mac
 from dcp_datastates.safe_pickle import load_metadata_bytes
 
 #: Attribute of ``Metadata`` holding what ``DataStatesWriter`` sealed at commit (plain dict).
 INTEGRITY_ATTR = "dcp_datastates_integrity"
-INTEGRITY_FORMAT = 1
+INTEGRITY_FORMAT = 2
 #: Largest offset, length or tensor size in bytes a record may claim (64 PiB).
 MAX_BYTES = 1 << 56
 MAX_DIMS = 64
@@ -333,33 +336,69 @@ def _check_planner_data(c: _Checker, planner_data: object) -> None:
 # -- integrity record (fail closed) -------------------------------------------------------------
 @dataclass(frozen=True)
 class IntegrityRecord:
-    """What ``DataStatesWriter`` sealed into ``.metadata`` at commit."""
+    """What ``DataStatesWriter`` sealed into ``.metadata`` at commit (see ``integrity`` for the policy)."""
 
     metadata_sha256: str
-    checksum_files: dict[str, str]  # side file name -> SHA-256 of its bytes; empty: saved without checksums
+    checksum_files: dict[str, str]  # side file name -> SHA-256 of its bytes
+    format: int = INTEGRITY_FORMAT
+    checksums: bool = True  # saved with checksums (every data file then has them)
+    key_id: str | None = None  # keyed seal: which key (``integrity.key_id``), and the HMAC of the digest
+    mac: str | None = None
+
+
+_RECORD_FIELDS = {1: {"format", "metadata_sha256", "checksum_files"},
+                  2: {"format", "metadata_sha256", "checksum_files", "checksums", "key_id", "mac"}}
+_KEY_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 def integrity_record(metadata: Metadata, source: str = METADATA_FILE) -> IntegrityRecord | None:
-    """The sealed record, validated; ``None`` for checkpoints written without one (stock DCP, older ours)."""
+    """The sealed record, validated; ``None`` for checkpoints written without one (stock DCP, older ours).
+
+    Format 2 (this version) seals its own facts too; format 1 (earlier versions) sealed only
+    the content, so it is read but never counts as verified end to end.
+    """
     raw = vars(metadata).get(INTEGRITY_ATTR)
     if raw is None:
         return None
-    bad = CorruptCheckpointError(
-        f"{source}: its integrity record ({INTEGRITY_ATTR}) is malformed; the checkpoint is damaged"
-    )
-    if type(raw) is not dict or raw.get("format") != INTEGRITY_FORMAT or set(raw) != {"format", "metadata_sha256", "checksum_files"}:
-        raise bad
+
+    def bad(what: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(
+            f"{source}: its integrity record ({INTEGRITY_ATTR}) is malformed ({what}); the checkpoint is damaged"
+        )
+
+    if type(raw) is not dict:
+        raise bad(f"a {type(raw).__name__}, not a dict")
+    fmt = raw.get("format")
+    if type(fmt) is not int or fmt not in _RECORD_FIELDS:
+        raise bad(f"unknown format {str(fmt)[:20]!r}")
+    if set(raw) != _RECORD_FIELDS[fmt]:
+        raise bad(f"fields {sorted(map(str, raw))[:8]}, expected {sorted(_RECORD_FIELDS[fmt])}")
     digest, files = raw["metadata_sha256"], raw["checksum_files"]
-    if type(digest) is not str or not _SHA256.match(digest) or type(files) is not dict:
-        raise bad
+    if type(digest) is not str or not _SHA256.match(digest):
+        raise bad("metadata_sha256 is not a SHA-256")
+    if type(files) is not dict:
+        raise bad("checksum_files is not a dict")
     for name, value in files.items():
         if plain_file_name_problem(name) or type(value) is not str or not _SHA256.match(value):
-            raise bad
-    return IntegrityRecord(digest, dict(files))
+            raise bad(f"checksum file entry {str(name)[:80]!r}")
+    if fmt == 1:
+        return IntegrityRecord(digest, dict(files), 1, bool(files))
+    checksums, kid, mac = raw["checksums"], raw["key_id"], raw["mac"]
+    if type(checksums) is not bool or (files and not checksums):
+        raise bad("checksums is not a boolean consistent with checksum_files")
+    if (kid is None) != (mac is None) or (kid is not None and (
+            type(kid) is not str or not _KEY_ID.match(kid) or type(mac) is not str or not _SHA256.match(mac))):
+        raise bad("key_id and mac are not both absent or both well-formed")
+    return IntegrityRecord(digest, dict(files), 2, checksums, kid, mac)
 
 
 def metadata_digest(metadata: Metadata) -> str:
-    """SHA-256 of what decides which bytes load where: entries, chunks, records and planner_data."""
+    """SHA-256 of everything that decides which bytes load where and how they are verified.
+
+    Entries, chunks, records and planner_data; and, for a format-2 seal, the seal's own
+    facts -- every side file and its SHA-256, whether the save had checksums, the key id --
+    so emptying the list of side files, or any other edit of the seal, is detected.
+    """
     parts: list[str] = []
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
@@ -379,19 +418,47 @@ def metadata_digest(metadata: Metadata) -> str:
     except CorruptCheckpointError:
         plain = False  # a custom planner's objects: their repr is not stable across a pickle round trip
     parts.append(repr(planner_data) if plain else "<planner_data not plain>")
+    raw = vars(metadata).get(INTEGRITY_ATTR)
+    if type(raw) is dict and raw.get("format") == INTEGRITY_FORMAT:
+        files = raw.get("checksum_files")
+        listed = sorted(files.items()) if type(files) is dict else repr(files)
+        parts.append(repr(("seal", INTEGRITY_FORMAT, listed, raw.get("checksums"), raw.get("key_id"))))
     return sha256_hex("\n".join(parts).encode("utf-8", "surrogatepass"))
 
 
-def seal_metadata(metadata: Metadata, directory: str | os.PathLike, checksum_files: Iterable[str]) -> None:
+def seal_metadata(
+    metadata: Metadata,
+    directory: str | os.PathLike,
+    checksum_files: Iterable[str],
+    *,
+    checksums: bool | None = None,
+    key: bytes | None = None,
+    dir_fd: int | None = None,
+) -> None:
     """Writer side, right before commit: record the digests readers check (see the module docstring).
 
-    ``checksum_files`` are the side files this save wrote; each is read back and hashed.
+    ``checksum_files`` are the side files this save wrote; each is read back (never through a
+    link; in ``dir_fd`` when given) and hashed. ``checksums``: whether the save had checksums
+    (default: whether it wrote side files). With ``key``, the seal is keyed (HMAC-SHA256).
     """
     directory = Path(directory)
-    files = {name: sha256_hex(read_regular_file(directory / name, MAX_CHECKSUM_FILE_BYTES, "checksum file"))
+    files = {name: sha256_hex(read_regular_file(directory / name, MAX_CHECKSUM_FILE_BYTES, "checksum file", dir_fd))
              for name in sorted(set(checksum_files))}
-    setattr(metadata, INTEGRITY_ATTR, {"format": INTEGRITY_FORMAT, "metadata_sha256": metadata_digest(metadata),
-                                       "checksum_files": files})
+    seal_metadata_with(metadata, files, checksums=checksums, key=key)
+
+
+def seal_metadata_with(
+    metadata: Metadata, checksum_file_digests: dict[str, str], *, checksums: bool | None = None, key: bytes | None = None
+) -> None:
+    """``seal_metadata`` from side-file digests computed elsewhere (a multi-level save: by the ranks that wrote them)."""
+    files = dict(sorted(checksum_file_digests.items()))
+    record: dict[str, Any] = {"format": INTEGRITY_FORMAT, "metadata_sha256": "", "checksum_files": files,
+                              "checksums": bool(files) if checksums is None else checksums,
+                              "key_id": None if key is None else key_id(key), "mac": None}
+    setattr(metadata, INTEGRITY_ATTR, record)
+    record["metadata_sha256"] = digest = metadata_digest(metadata)
+    if key is not None:
+        record["mac"] = seal_mac(key, digest)
 
 
 def expected_checksum_files(directory: str | os.PathLike, data_files: Iterable[str]) -> list[str]:
@@ -420,12 +487,15 @@ class FileProblem:
 
 @dataclass
 class ChecksumSet:
-    """The checksums a load may trust, and whether the checkpoint was saved with them."""
+    """The checksums a load may trust, whether the checkpoint was saved with them, and what is not verified."""
 
     files: dict[str, FileChecksums] = field(default_factory=dict)
     sealed: bool = False  # .metadata carries an integrity record
     saved_with_checksums: bool = False
+    keyed: bool = False  # the seal's HMAC verified under the reader's key
     problems: list[FileProblem] = field(default_factory=list)
+    #: Why the checkpoint is not verified end to end (what integrity='required' or a key refuses).
+    unverified: list[str] = field(default_factory=list)
 
 
 def records_by_file(metadata: Metadata) -> dict[str, list[tuple[int, int, str]]]:
@@ -435,31 +505,59 @@ def records_by_file(metadata: Metadata) -> dict[str, list[tuple[int, int, str]]]
     return by_file
 
 
-def load_verified_checksums(directory: str | os.PathLike, metadata: Metadata) -> ChecksumSet:
+def load_verified_checksums(
+    directory: str | os.PathLike, metadata: Metadata, policy: IntegrityPolicy | None = None
+) -> ChecksumSet:
     """Checksums of the data files, from exactly the side files ``.metadata`` vouches for.
 
-    Sealed checkpoints: ``.metadata``'s own digest must match, every listed side file must
-    exist with the recorded SHA-256 and parse, and every data file must be covered. Older
-    checkpoints of ours (no seal) use the side file named after each data file, if present;
-    stock checkpoints have none. Problems are collected, not raised (``verify`` reports all).
+    Sealed checkpoints: ``.metadata``'s own digest must match (and, under a key, the seal's
+    HMAC), every listed side file must exist with the recorded SHA-256 and parse, and every
+    data file must be covered. Older checkpoints of ours (no seal) use the side file named
+    after each data file, if present; stock checkpoints have none. Problems are collected,
+    not raised (``verify`` reports all); so are the reasons it is not verified end to end
+    (``unverified``), which only a policy that demands verification (``policy.enforced``) refuses.
     """
     directory = Path(directory)
+    policy = policy or IntegrityPolicy()
     source = str(directory / METADATA_FILE)
     out = ChecksumSet()
     data_files = records_by_file(metadata)
     record = integrity_record(metadata, source)
-    if record is not None:
+    if record is None:
+        out.unverified.append(f"it carries no seal ({INTEGRITY_ATTR}): it was written by stock DCP or an earlier "
+                              "version, or its seal was removed")
+        names = {n: "" for n in expected_checksum_files(directory, data_files)}
+    else:
         out.sealed = True
-        out.saved_with_checksums = bool(record.checksum_files)
+        out.saved_with_checksums = record.checksums
         if metadata_digest(metadata) != record.metadata_sha256:
             out.problems.append(FileProblem(
                 METADATA_FILE, 0, 0, [], "content differs from the digest recorded at save time",
                 f"{source} has been altered since it was saved: its content does not match the SHA-256 recorded "
                 "in it at commit; the checkpoint is damaged. Load another checkpoint.", CorruptCheckpointError))
             return out
+        if policy.key is not None:
+            if record.mac is None:
+                out.unverified.append("its seal is not keyed (it was saved without an integrity key, or its key was "
+                                      "stripped)")
+            elif record.key_id != policy.key_id:
+                out.unverified.append(f"it was sealed with another key (key id {record.key_id}; yours is "
+                                      f"{policy.key_id})")
+            elif not mac_matches(policy.key, record.metadata_sha256, record.mac):
+                out.problems.append(FileProblem(
+                    METADATA_FILE, 0, 0, [], "keyed seal does not verify under the integrity key",
+                    f"{source}: its keyed seal does not verify under your integrity key (key id {policy.key_id}): "
+                    "the checkpoint was forged or altered by someone without the key. Do not load it; load "
+                    "another checkpoint.", CorruptCheckpointError))
+                return out
+            else:
+                out.keyed = True
+        if record.format < INTEGRITY_FORMAT:
+            out.unverified.append(f"it was sealed by an earlier version (seal format {record.format}) whose seal "
+                                  "does not cover its own list of checksum files; save it again")
+        if not record.checksums:
+            out.unverified.append("it was saved with checksums=False: its data bytes cannot be verified")
         names = dict(record.checksum_files)
-    else:
-        names = {n: "" for n in expected_checksum_files(directory, data_files)}
     for name, digest in sorted(names.items()):
         path = directory / name
         try:
@@ -484,7 +582,7 @@ def load_verified_checksums(directory: str | os.PathLike, metadata: Metadata) ->
             out.files |= parse_checksum_file(data, name)
         except CorruptCheckpointError as exc:
             out.problems.append(FileProblem(name, 0, len(data), [], "checksum file malformed", str(exc), CorruptCheckpointError))
-    if record is not None and record.checksum_files and not out.problems:
+    if record is not None and record.checksums and not out.problems:
         for name, records in sorted(data_files.items()):
             if name not in out.files:
                 out.problems.append(FileProblem(
@@ -492,6 +590,16 @@ def load_verified_checksums(directory: str | os.PathLike, metadata: Metadata) ->
                     f"data file {name} has no checksums, although {METADATA_FILE} records that the checkpoint was "
                     "saved with them; the checkpoint is damaged", ChecksumMismatchError))
     return out
+
+
+def unverified_error(directory: str | os.PathLike, policy: IntegrityPolicy, reasons: list[str]) -> UnverifiedCheckpointError:
+    """The refusal of a checkpoint ``policy`` demands verified end to end (``reasons``: ``ChecksumSet.unverified``)."""
+    return UnverifiedCheckpointError(
+        f"checkpoint {str(directory)!r} cannot be verified end to end, as {policy.name} demands: "
+        f"{'; '.join(reasons)}. Load it only if you trust where it came from, with "
+        f"DataStatesConfig(integrity='if-present', integrity_key=None) (and {KEY_ENV} unset); or load a "
+        "checkpoint saved by DataStatesWriter with checksums (and your key)."
+    )
 
 
 def data_file_problems(directory: str | os.PathLike, metadata: Metadata, checksums: dict[str, FileChecksums]) -> list[FileProblem]:

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import os
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -43,14 +45,17 @@ from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates.errors import (
     CheckpointIOError,
     ChecksumMismatchError,
+    CorruptCheckpointError,
     DataStatesError,
     IncompleteCheckpointError,
 )
+from dcp_datastates.integrity import IntegrityPolicy
 from dcp_datastates.metadata_check import (
     ChecksumSet,
     data_file_problems,
     load_verified_checksums,
     read_checkpoint_metadata,
+    unverified_error,
     validate_metadata,
 )
 from dcp_datastates.native import create_read_engine, open_for_read
@@ -69,7 +74,9 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         trust_checkpoint: allow unpickling arbitrary Python objects from the checkpoint. Off by
             default: only what ``torch.load(weights_only=True)`` accepts is loaded.
         config: I/O settings shared with the writer: ``io_engine``/``io_threads``/``queue_depth``
-            (reads in flight), ``chunk_bytes`` (one read buffer), ``direct_io``.
+            (reads in flight), ``chunk_bytes`` (one read buffer), ``direct_io``; and the integrity
+            policy: ``integrity`` (``"if-present"`` or ``"required"``) and ``integrity_key`` (or the
+            ``DCP_DATASTATES_INTEGRITY_KEY`` environment variable), see docs/integrity.md.
         replicated_reads: records several ranks need (replicated state) are read by one rank and
             broadcast over the default process group (``"once"``), or read by every rank that
             needs them (``"every_rank"``). ``"auto"``: once when the ranks span several hosts
@@ -85,6 +92,13 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             raise ValueError(f"replicated_reads must be 'auto', 'once' or 'every_rank', got {replicated_reads!r}")
         self.replicated_reads = replicated_reads
         self.config = config if config is not None else DataStatesConfig()
+        self.integrity = IntegrityPolicy.of(self.config)
+        if self.integrity.enforced and not verify_checksums:
+            raise ValueError(
+                f"verify_checksums=False cannot be combined with {self.integrity.name}, which demands that every "
+                "byte is verified; drop verify_checksums=False, or use DataStatesConfig(integrity='if-present', "
+                "integrity_key=None) for a checkpoint you trust"
+            )
         self.last_read = ReadStats()
         self.path = Path(path)
         self.verify_checksums = verify_checksums
@@ -149,10 +163,13 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 f"{sorted(referenced)[:3]}, the directory holds {sorted(present)[:3]}. Was .metadata copied from "
                 "another checkpoint? Restore the matching .metadata or load the checkpoint it came from."
             )
-        checksums = load_verified_checksums(self.path, metadata) if self.verify_checksums else ChecksumSet()
+        checksums = (load_verified_checksums(self.path, metadata, self.integrity) if self.verify_checksums
+                     else ChecksumSet())
         problems = checksums.problems or data_file_problems(self.path, metadata, checksums.files)
         if problems:
             raise problems[0].exception()
+        if self.integrity.enforced and checksums.unverified:
+            raise unverified_error(self.path, self.integrity, checksums.unverified)
         self.checksums = checksums.files
         self._checked = (self.path, id(metadata))
 
@@ -253,12 +270,16 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         sizes: dict[str, int] = {}
         for relative_path, fqn in first_key.items():
             try:
-                sizes[relative_path] = os.stat(self.path / relative_path).st_size
+                info = os.lstat(self._data_path(relative_path))
             except FileNotFoundError as exc:
                 raise CheckpointIOError(
                     f"data file {relative_path!r} of checkpoint {str(self.path)!r} is missing "
                     f"(needed by {fqn!r}); the checkpoint is damaged"
                 ) from exc
+            if not stat.S_ISREG(info.st_mode):
+                raise _not_regular(str(self._data_path(relative_path)), "a symbolic link" if stat.S_ISLNK(info.st_mode)
+                                   else "not a regular file")
+            sizes[relative_path] = info.st_size
             self._check_size(relative_path, sizes[relative_path], fqn)
         block_bytes = {name: self.checksums[name].block_bytes for name in first_key if name in self.checksums}
         read_plan = plan_reads(items, self.storage_data, stored_tensors(getattr(planner, "metadata", None)),
@@ -272,6 +293,10 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                         "is damaged"
                     )
         self._stream(read_plan, planner, tee)
+
+    def _data_path(self, relative_path: str) -> Path:
+        """Where a data file is read from (a multi-level restore reads each from its nearest copy)."""
+        return self.path / relative_path
 
     def _check_size(self, relative_path: str, size: int, fqn: str) -> None:
         checksums = self.checksums.get(relative_path)
@@ -299,12 +324,20 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         last_window = {w.file_index: i for i, w in enumerate(read_plan.windows)}
 
         def open_file(index: int) -> tuple[int, str]:
-            path = str(self.path / read_plan.files[index].relative_path)
+            path = str(self._data_path(read_plan.files[index].relative_path))
             if index not in opened:
                 try:
-                    opened[index] = open_for_read(path, config.direct_io).fd
+                    fd = open_for_read(path, config.direct_io).fd
                 except FileNotFoundError as exc:
                     raise CheckpointIOError(f"data file {path!r} disappeared while loading") from exc
+                except OSError as exc:  # ELOOP: a link swapped in after the checks
+                    kind = {errno.ELOOP: "a symbolic link", errno.EISDIR: "not a regular file"}.get(
+                        exc.errno or 0, f"unreadable ({exc.strerror})")
+                    raise _not_regular(path, kind) from exc
+                if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or directory swapped in after the checks
+                    os.close(fd)
+                    raise _not_regular(path, "not a regular file")
+                opened[index] = fd
             return opened[index], path
 
         def before_reuse(buffer: HostBuffer) -> None:
@@ -324,6 +357,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                     relative_path = read_plan.files[window.file_index].relative_path
                     stats.windows += 1
                     stats.bytes_read += landed.valid
+                    stats.bytes_by_file[relative_path] = stats.bytes_by_file.get(relative_path, 0) + landed.valid
                     if landed.valid < window.end - window.start:
                         raise CheckpointIOError(
                             f"{relative_path} shrank while being read: wanted {window.end - window.start} bytes at "
@@ -385,6 +419,13 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         )
 
 
+def _not_regular(path: str, kind: str) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"data file {path} is {kind} (it changed after the checkpoint was checked); data files are never read "
+        "through links or from devices, so the checkpoint cannot be loaded as it is"
+    )
+
+
 #: Where the owner of replicated records copies them for the broadcast: (batch buffer, position per record).
 _Tee = tuple[torch.Tensor, dict[MetadataIndex, int]]
 
@@ -410,6 +451,7 @@ class ReadStats:
     bytes_read: int = 0
     bytes_verified: int = 0
     bytes_received: int = 0  # replicated records received from the rank that read them
+    bytes_by_file: dict[str, int] = dataclasses.field(default_factory=dict)  # bytes_read, per data file
     records: int = 0
     framed: int = 0  # tensor records decoded from our framing straight into their destination
     wait_seconds: float = 0.0  # waiting for reads to land

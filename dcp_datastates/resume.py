@@ -19,6 +19,7 @@ import re
 from pathlib import Path
 
 from dcp_datastates.errors import DataStatesError
+from dcp_datastates.integrity import IntegrityPolicy
 from dcp_datastates.metadata_check import data_file_problems, load_verified_checksums, read_checkpoint_metadata
 
 STEP_NAME_PATTERNS = (re.compile(r"^step[-_]?(\d+)$"), re.compile(r"^(\d+)$"))
@@ -33,31 +34,39 @@ def step_of(name: str) -> int | None:
     return None
 
 
-def is_intact_checkpoint(path: str | Path, *, trust: bool = False) -> bool:
-    """Whether ``path`` holds a checkpoint that parses and whose files are all there at their sizes."""
+def is_intact_checkpoint(path: str | Path, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> bool:
+    """Whether ``path`` holds a checkpoint that parses and whose files are all there at their sizes.
+
+    Under a ``policy`` that demands verification (``integrity='required'`` or a key; default:
+    ``IntegrityPolicy.default()``), it must also be one that policy would load.
+    """
     path = Path(path)
+    policy = policy or IntegrityPolicy.default()
     try:
         metadata = read_checkpoint_metadata(path, trust=trust)
-        checksums = load_verified_checksums(path, metadata)
+        checksums = load_verified_checksums(path, metadata, policy)
+        if policy.enforced and checksums.unverified:
+            return False
         return not checksums.problems and not data_file_problems(path, metadata, checksums.files)
     except (DataStatesError, OSError):
         return False
 
 
-def list_complete_checkpoints(root: str | Path, *, trust: bool = False) -> list[Path]:
+def list_complete_checkpoints(root: str | Path, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> list[Path]:
     """Intact checkpoint directories under ``root`` with a recognized step name, oldest step first."""
     root = Path(root)
     if not root.is_dir():
         return []
+    policy = policy or IntegrityPolicy.default()
     found = []
     for child in root.iterdir():
         step = step_of(child.name)
-        if step is not None and child.is_dir() and is_intact_checkpoint(child, trust=trust):
+        if step is not None and child.is_dir() and is_intact_checkpoint(child, trust=trust, policy=policy):
             found.append((step, child.name, child))
     return [path for _, _, path in sorted(found)]
 
 
-def latest_complete_checkpoint(root: str | Path, *, trust: bool = False) -> Path | None:
+def latest_complete_checkpoint(root: str | Path, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> Path | None:
     """The intact checkpoint with the highest step under ``root`` (``None`` if there is none)."""
-    complete = list_complete_checkpoints(root, trust=trust)
+    complete = list_complete_checkpoints(root, trust=trust, policy=policy)
     return complete[-1] if complete else None

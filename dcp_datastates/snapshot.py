@@ -38,12 +38,15 @@ from torch.distributed.checkpoint.planner import WriteItem
 from dcp_datastates import capture
 from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.checksums import FileChecksums, checksums_of
-from dcp_datastates.chunk_stream import ChunkedFileStream, check_still_linked
+from dcp_datastates.chunk_stream import ChunkedFileStream
 from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.dir_files import CheckpointDir
+from dcp_datastates.errors import DataStatesError
 from dcp_datastates.framing import can_frame, serialize_whole, tensor_bytes_view
 from dcp_datastates.held import HeldItem
 from dcp_datastates.layout import RankLayout
 from dcp_datastates.native import create_engine, open_for_write
+from dcp_datastates.save_claim import DirectoryIdentity
 from dcp_datastates.shutdown import check_not_abandoned
 
 Resolver = Callable[[WriteItem], "torch.Tensor | io.BytesIO"]
@@ -120,9 +123,18 @@ class Snapshot:
         pool: HostBufferPool | PoolFor,
         *,
         plan: Callable[[], SnapshotPlan] | None = None,
+        identity: DirectoryIdentity | None = None,
     ) -> None:
-        """Either ``layout`` and ``resolve`` (planned already), or ``plan``, run first on the snapshot's thread."""
+        """Either ``layout`` and ``resolve`` (planned already), or ``plan``, run first on the snapshot's thread.
+
+        ``identity`` is the directory the save claimed (``save_claim``): every file is created
+        through a descriptor of that very directory (``dir_files``), so a directory removed or
+        replaced before the snapshot runs fails it with a typed error, and no file is created
+        anywhere else.
+        """
         self.directory = directory
+        self._identity = identity
+        self._dir: CheckpointDir | None = None
         self._plan = plan
         self.held: list[WriteItem] = []
         self._private_ids: set[int] = set()
@@ -135,7 +147,7 @@ class Snapshot:
         self.staged: Future[None] = Future()
         self._begin = threading.Event()
         self.done: Future[SnapshotResult] = Future()
-        self._created: list[Path] = []
+        self._created: list[tuple[Path, tuple[int, int]]] = []  # our files, with the (device, inode) we created
         self._objects_pickled = threading.Event()
         self._thread: threading.Thread | None = None
         # CUDA state is per thread: note the caller's device and stream now, on the caller's thread.
@@ -184,6 +196,7 @@ class Snapshot:
         result = SnapshotResult()
         checksums: dict[str, FileChecksums] = {}
         try:
+            self._dir = (self._identity or DirectoryIdentity.of(self.directory)).open_dir()
             if self._plan is not None:
                 self._set_plan(self._plan())  # DCP's local plan and the layout: here, off the caller's thread
             self._pool = self._pool_for(self.layout.tensor_file_bytes)
@@ -201,16 +214,23 @@ class Snapshot:
                 self.staged.set_result(None)
             if self._config.checksums:
                 result.checksums = checksums
-            result.files = [p.name for p in self._created]
+            result.files = [p.name for p, _ in self._created]
         except BaseException as exc:  # noqa: BLE001 - delivered through the futures
             self.discard()
+            self._close_dir()
             if not self.planned.done():
                 self.planned.set_exception(exc)
             if not self.staged.done():
                 self.staged.set_exception(exc)
             self.done.set_exception(exc)
             return
+        self._close_dir()
         self.done.set_result(result)
+
+    def _close_dir(self) -> None:
+        directory, self._dir = self._dir, None
+        if directory is not None:
+            directory.close()
 
     def _set_plan(self, plan: SnapshotPlan) -> None:
         self.layout = plan.layout
@@ -219,9 +239,26 @@ class Snapshot:
         self._private_ids = plan.private_ids
 
     def discard(self) -> None:
-        """Remove this snapshot's files: a failed save leaves nothing that could pass for data."""
-        for path in self._created:
-            path.unlink(missing_ok=True)
+        """Remove this snapshot's files: a failed save leaves nothing that could pass for data.
+
+        Only from the directory the save claimed, and only names that still name the file this
+        snapshot created: a directory that replaced it, or an entry put in place of one of ours,
+        is left as it is.
+        """
+        if not self._created:
+            return
+        directory = self._dir
+        if directory is None:
+            try:
+                directory = (self._identity or DirectoryIdentity.of(self.directory)).open_dir()
+            except DataStatesError:
+                return  # removed or replaced: none of our files is left to remove
+        try:
+            for path, inode in self._created:
+                directory.remove(path.name, inode)
+        finally:
+            if directory is not self._dir:
+                directory.close()
 
     # -- objects ------------------------------------------------------------------------------
     def _write_objects(self, result: SnapshotResult, checksums: dict[str, FileChecksums]) -> None:
@@ -236,14 +273,11 @@ class Snapshot:
             self._objects_pickled.set()  # the live objects are no longer read
         if not self.layout.object_items:
             return
-        path = self.directory / self.layout.object_file
-        self._created.append(path)
-        with open(path, "wb") as f:
-            f.write(contents)
-            f.flush()
-            if self._config.fsync:
-                os.fsync(f.fileno())
-            check_still_linked(f.fileno(), str(path))
+        assert self._dir is not None
+        name = self.layout.object_file
+        fd = self._dir.create(name)
+        self._created.append((self.directory / name, _inode(fd)))  # ours: only now may a failed save remove it
+        self._dir.write_into(fd, name, contents, self._config.fsync)
         result.object_bytes = len(contents)
         checksums[self.layout.object_file] = checksums_of(contents, self._config.checksum_block_bytes)
 
@@ -261,8 +295,10 @@ class Snapshot:
         result.engine = engine.name
         try:
             path = self.directory / self.layout.tensor_file
-            target = open_for_write(str(path), self._config.direct_io)
-            self._created.append(path)
+            assert self._dir is not None
+            with self._dir.creating(path.name):
+                target = open_for_write(str(path), self._config.direct_io, dir_fd=self._dir.fd)
+            self._created.append((path, _inode(target.fd)))
             block_bytes = self._config.checksum_block_bytes
             copy_stream = self._copy_stream()
             stream = ChunkedFileStream(
@@ -404,6 +440,11 @@ class _ObjectsThread:
     def raise_if_failed(self) -> None:
         if self._error is not None:
             raise self._error
+
+
+def _inode(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
 
 
 def _whole_record(item: WriteItem, value: object) -> bytes | memoryview:

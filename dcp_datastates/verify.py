@@ -6,16 +6,20 @@ hashed, and hashing runs in parallel numba kernels far above disk speed: verific
 runs at close to the disk's read bandwidth.
 
 The verdict is one of three (``VerifyReport.status``): ``verified`` (every data file
-checked against checksums the sealed ``.metadata`` vouches for), ``unverified`` (no
-problem found, but some files have no checksums: written by stock DCP or with
-``checksums=False``; sizes are still checked) and ``damaged`` (anything wrong: a missing,
-short or altered data file, a missing or altered checksum file, an altered ``.metadata``).
+checked against checksums the sealed ``.metadata`` vouches for -- under a key, a seal
+whose HMAC verifies), ``unverified`` (no problem found, but not verified end to end: no
+seal (stock DCP, or it was removed), ``checksums=False``, files without checksums, or --
+under a key -- a seal not made with it; ``unverified_reasons`` says which; sizes are still
+checked) and ``damaged`` (anything wrong: a missing, short or altered data file, a missing
+or altered checksum file, an altered ``.metadata`` or seal).
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import stat
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dcp_datastates.checksums import FileChecksums, keys_overlapping
+from dcp_datastates.errors import CorruptCheckpointError
+from dcp_datastates.integrity import IntegrityPolicy
 from dcp_datastates.metadata_check import (
     data_file_problems,
     load_verified_checksums,
@@ -54,6 +60,10 @@ class VerifyReport:
     seconds: float = 0.0
     problems: list[Corruption] = field(default_factory=list)
     saved_with_checksums: bool = False
+    sealed: bool = False  # .metadata carries a seal
+    keyed: bool = False  # ... whose HMAC verified under the key given
+    #: why the checkpoint is not verified end to end (no seal, checksums=False, not sealed with the key, ...)
+    unverified_reasons: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -63,16 +73,26 @@ class VerifyReport:
     def status(self) -> str:
         if self.problems:
             return DAMAGED
-        return UNVERIFIED if self.files_unverified else VERIFIED
+        return UNVERIFIED if self.files_unverified or self.unverified_reasons else VERIFIED
 
 
 def _open_for_read(path: Path) -> int:
-    """O_DIRECT where the file system allows it (aligned mmap buffers make that legal)."""
+    """O_DIRECT where the file system allows it (aligned mmap buffers make that legal); a regular file only."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)  # never through a link or FIFO
     try:
-        return os.open(path, flags | os.O_DIRECT)
-    except OSError:
-        return os.open(path, flags)
+        try:
+            fd = os.open(path, flags | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            fd = os.open(path, flags)
+    except OSError as exc:  # ELOOP: a link swapped in after the checks
+        kind = "a symbolic link" if exc.errno == errno.ELOOP else f"unreadable ({exc.strerror})"
+        raise CorruptCheckpointError(f"data file {path} is {kind}; data files are never read through links") from exc
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CorruptCheckpointError(f"data file {path} is not a regular file (it changed after the check)")
+    return fd
 
 
 def _verify_file(path: Path, checksums: FileChecksums, progress: Callable[[int], None]) -> list[int]:
@@ -106,31 +126,37 @@ def _verify_file(path: Path, checksums: FileChecksums, progress: Callable[[int],
     return bad
 
 
-def planned_bytes(path: str | os.PathLike, *, trust: bool = False) -> int:
+def planned_bytes(path: str | os.PathLike, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> int:
     """Bytes ``verify_checkpoint`` will hash (for a progress bar); 0 if they cannot be known yet."""
     try:
         metadata = read_checkpoint_metadata(path, trust=trust)
-        return sum(fc.size for fc in load_verified_checksums(path, metadata).files.values())
+        return sum(fc.size for fc in load_verified_checksums(path, metadata, policy or IntegrityPolicy.default()).files.values())
     except Exception:  # noqa: BLE001 - verify_checkpoint itself reports whatever is wrong
         return 0
 
 
 def verify_checkpoint(
-    path: str | os.PathLike, progress: Callable[[int], None] | None = None, *, trust: bool = False
+    path: str | os.PathLike,
+    progress: Callable[[int], None] | None = None,
+    *,
+    trust: bool = False,
+    policy: IntegrityPolicy | None = None,
 ) -> VerifyReport:
     """Check every data file of a checkpoint against the checksums recorded at save time.
 
-    Raises our typed errors only where there is nothing to verify (no such directory, no
-    ``.metadata``, a ``.metadata`` that cannot be parsed or is refused as unsafe); every
-    other problem is collected in the report.
+    ``policy`` (default: ``IntegrityPolicy.default()``, keyed if ``DCP_DATASTATES_INTEGRITY_KEY``
+    is set) decides what counts as verified: with a key, only a seal whose HMAC verifies under it. Raises our typed errors only where there is
+    nothing to verify (no such directory, no ``.metadata``, a ``.metadata`` that cannot be
+    parsed or is refused as unsafe); every other problem is collected in the report.
     """
     directory = Path(path)
     metadata = read_checkpoint_metadata(directory, trust=trust)
     report = VerifyReport(str(directory))
     step = progress or (lambda n: None)
     start = time.perf_counter()
-    checksums = load_verified_checksums(directory, metadata)
+    checksums = load_verified_checksums(directory, metadata, policy or IntegrityPolicy.default())
     report.saved_with_checksums = checksums.saved_with_checksums
+    report.sealed, report.keyed, report.unverified_reasons = checksums.sealed, checksums.keyed, checksums.unverified
     by_file = records_by_file(metadata)
     for problem in checksums.problems + data_file_problems(directory, metadata, checksums.files):
         report.problems.append(Corruption(problem.file, problem.offset, problem.length, problem.keys, problem.reason))
@@ -145,7 +171,12 @@ def verify_checkpoint(
         if expected is None:
             report.files_unverified.append(name)
             continue
-        for offset in _verify_file(directory / name, expected, step):
+        try:
+            bad_offsets = _verify_file(directory / name, expected, step)
+        except CorruptCheckpointError as exc:  # swapped for a link or FIFO after the checks
+            report.problems.append(Corruption(name, 0, expected.size, sorted({k for _, _, k in records}), str(exc)))
+            continue
+        for offset in bad_offsets:
             length = max(0, min(expected.block_bytes, expected.size - offset))
             report.problems.append(
                 Corruption(name, offset, length, keys_overlapping(records, offset, offset + max(length, 1)), "checksum mismatch")

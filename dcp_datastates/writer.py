@@ -43,7 +43,7 @@ from torch.futures import Future
 
 from dcp_datastates.buffer_pool import HostBufferPool
 from dcp_datastates.capture import CapturedState, capture_mutable, skeleton_of
-from dcp_datastates.checksums import FileChecksums, checksum_file_name, write_checksum_file
+from dcp_datastates.checksums import FileChecksums, checksum_file_name, encode_checksum_file
 from dcp_datastates.commit import (
     commit_checkpoint,
     has_complete_checkpoint,
@@ -52,15 +52,19 @@ from dcp_datastates.commit import (
 )
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.dcp_call import find_async_save_call
+from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import DirectoryCheckpointId
-from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError, InvalidOptionError
-from dcp_datastates.held import write_held_file
-from dcp_datastates.metadata_check import expected_checksum_files, seal_metadata
+from dcp_datastates import tier_save
+from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError, DataStatesError, InvalidOptionError
+from dcp_datastates.held import held_file_contents
+from dcp_datastates.integrity import IntegrityPolicy
+from dcp_datastates.metadata_check import seal_metadata
 from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snapshot
 from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.save_claim import DirectoryIdentity, DirectoryLock, SaveClaim
 from dcp_datastates.stock_options import writer_options
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotPlan, SnapshotResult
+from dcp_datastates.tiers import TierConfigError
 
 
 logger = logging.getLogger(__name__)
@@ -136,6 +140,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self._snapshot: Snapshot | None = None
         self._shipped_result: tuple[str, SnapshotResult] | None = None
         self._claim: SaveClaim | None = None  # the running save's hold on its directory (save_claim.py)
+        self._tier: tier_save.TierSave | None = None  # the running multi-level save (config.multilevel; tier_save.py)
 
     # -- StorageWriter: set-up and planning ------------------------------------------------
     def reset(self, checkpoint_id: str | os.PathLike | None = None) -> None:
@@ -147,6 +152,10 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         across directories: the save is refused and the snapshot's files removed.
         """
         staged_in = self._staged_directory()
+        if self._tier is not None:  # multi-level: stage() put the files in the local tier, for this checkpoint_id
+            if self._tier.staged and staged_in is not None and self._tier.matches(checkpoint_id):
+                return
+            self.path, self._tier = self._tier.shared_path, None
         if checkpoint_id:
             target = Path(checkpoint_id)
             if staged_in is not None and os.path.abspath(target) != os.path.abspath(staged_in):
@@ -176,8 +185,15 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         if self._shipped_result is not None:
             directory, result = self._shipped_result
             self._shipped_result = None
-            for name in result.files:
-                (Path(directory) / name).unlink(missing_ok=True)
+            claim = self._claim
+            try:
+                identity = claim.identity if claim is not None and claim.identity.path == Path(directory) \
+                    else DirectoryIdentity.of(Path(directory))
+                with identity.open_dir() as files:
+                    for name in result.files:
+                        files.remove(name)
+            except DataStatesError:
+                pass  # the directory was removed or replaced: nothing of ours is left in it
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
@@ -189,7 +205,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             )
 
     def storage_meta(self) -> StorageMeta | None:
-        return StorageMeta(checkpoint_id=str(self.path), save_id=self.save_id)
+        path = self._tier.shared_path if self._tier is not None else self.path  # multi-level: the shared path names it
+        return StorageMeta(checkpoint_id=str(path), save_id=self.save_id)
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         """Claim the directory for this save -- or, after ``stage()`` claimed it, check it is still there.
@@ -207,6 +224,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 self._end_save()
                 raise
         else:
+            if self.config.multilevel is not None:  # dcp.save: we are on the caller's thread
+                self._tier = tier_save.begin(self, tier_save.plan_bytes(plan), None, staged=False)
             self._begin_save(self.is_coordinator, from_stage=False)
         return dataclasses.replace(plan, storage_data=self._staged_items())  # what this rank staged (replicas)
 
@@ -219,7 +238,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self._end_save()  # a claim left by a save that failed before finish()
         prepare_directory(self.path)
         identity = DirectoryIdentity.of(self.path)
-        lock = DirectoryLock(self.path, self.save_id[:8]) if is_coordinator else None
+        lock = DirectoryLock(identity) if is_coordinator else None
         if lock is not None:
             lock.acquire()
         claim = self._claim = SaveClaim(identity, lock, from_stage=from_stage, confirmed=not from_stage)
@@ -247,6 +266,13 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
         snapshot.staged.add_done_callback(on_done)
         snapshot.done.add_done_callback(on_done)
+
+    def _claim_identity(self) -> DirectoryIdentity:
+        """The directory this save claimed (``save_claim``); every file it creates goes through it."""
+        claim = self._claim
+        if claim is not None and claim.identity.path == self.path:
+            return claim.identity
+        return DirectoryIdentity.of(self.path)
 
     def _end_save(self) -> None:
         """Release this writer's claim (idempotent): after the commit, or once the save has failed."""
@@ -307,10 +333,14 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
                 "the previous save's upload_completion before reusing it"
             )
         call = find_async_save_call(self)
+        if self._tier is not None:  # a previous multi-level save of this writer moved its path to the local tier
+            self.path, self._tier = self._tier.shared_path, None
         if call is not None and call.checkpoint_id:
             self.path = Path(call.checkpoint_id)  # checkpoint_id wins, decided now: the files are written there
         group = _save_group(call)
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if self.config.multilevel is not None:  # decides where the files go: this node's local tier, or the shared path
+            self._tier = tier_save.begin(self, tier_save.state_bytes(state_dict), call.process_group if call else None, staged=True)
         self._begin_save(rank == 0)  # fail now, in the caller, on a bad, occupied or busy path
         budget = _capture_budget(self.config)
         try:
@@ -327,7 +357,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             planned = plan_snapshot(planner, group, prefix)
             return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
-        snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan)
+        snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan, identity=self._claim_identity())
         snapshot.start(begin_within=0.0 if captured.over_budget else _BEGIN_WITHIN_S)
         self._snapshot = snapshot
         self._release_claim_on_failure(snapshot)
@@ -364,6 +394,10 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
     def __getstate__(self) -> dict[str, Any]:
         # AsyncCheckpointerType.PROCESS ships the writer to a daemon process: hand over the
         # finished snapshot's record locations (plain data), never threads or buffers.
+        if self._tier is not None:
+            raise TierConfigError(
+                "multi-level checkpoints run their tier work in this process; use dcp.async_save with the default "
+                "AsyncCheckpointerType.THREAD (not PROCESS), or dcp.save")
         state = dict(self.__dict__)
         snapshot = state.pop("_snapshot", None)
         state["_shipped_result"] = None
@@ -378,6 +412,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
     # -- StorageWriter: the write step -------------------------------------------------------
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
+        if self._tier is not None and self._tier.local:  # multi-level: write, agree, hand to the tier worker
+            return tier_save.write_data(self._tier, self, plan, planner)
+        return self._write_files(plan, planner)
+
+    def _write_files(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         prefix: FilePrefix = plan.storage_data
         try:
             directory, result = self._finished_snapshot(plan, planner)
@@ -385,31 +424,16 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             self._end_save()  # finish() will not run: let the next save into this directory in
             raise
         assert os.path.abspath(directory) == os.path.abspath(self.path), (directory, self.path)  # see reset()
-        final: list[Path] = []
+        created: list[str] = []  # ours under their final names: removed if the save fails here
         try:
-            records, checksums = _rename_to_prefix(self.path, result, prefix.prefix, final)
-            held = [item for item in plan.items if item.index not in records]
-            missing = [item.index.fqn for item in held if item.index not in result.held]
-            if missing:
-                raise RuntimeError(
-                    f"items {missing[:5]} were planned but not staged; the state dict changed between "
-                    "async_save's staging and its save"
-                )
-            if held:  # replicated items the global plan gave to this rank: one file, written once
-                name = f"{prefix.prefix}2.distcp"
-                final.append(self.path / name)
-                where, sums = write_held_file(
-                    self.path / name, [result.held[i.index] for i in held], self.config.checksum_block_bytes, self.config.fsync
-                )
-                records.update({index: RecordLocation(name, w.offset, w.length) for index, w in where.items()})
-                checksums[name] = sums
-            if self.config.checksums and checksums:
-                name = checksum_file_name(prefix.prefix)
-                final.append(self.path / name)
-                write_checksum_file(self.path / name, checksums, fsync=self.config.fsync)
+            with self._claim_identity().open_dir() as files:
+                try:
+                    records = self._final_files(files, plan, result, prefix.prefix, created)
+                except BaseException:
+                    for name in created:
+                        files.remove(name)
+                    raise
         except BaseException:
-            for path in final:
-                path.unlink(missing_ok=True)
             self._end_save()
             raise
         result.held = {}  # the copies are written or not ours: release their memory now
@@ -418,6 +442,37 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
+
+    def _final_files(
+        self, files: CheckpointDir, plan: SavePlan, result: SnapshotResult, prefix: str, created: list[str]
+    ) -> dict:
+        """The snapshot's files under the save's prefix, the held items this rank owns, the side file.
+
+        Every file is created through the claimed directory's descriptor, never reusing a name
+        (``dir_files``); ``created`` collects the final names. Returns where each record is.
+        """
+        records, checksums = _rename_to_prefix(files, result, prefix, created)
+        held = [item for item in plan.items if item.index not in records]
+        missing = [item.index.fqn for item in held if item.index not in result.held]
+        if missing:
+            raise RuntimeError(
+                f"items {missing[:5]} were planned but not staged; the state dict changed between "
+                "async_save's staging and its save"
+            )
+        if held:  # replicated items the global plan gave to this rank: one file, written once
+            name = f"{prefix}2.distcp"
+            contents, where, sums = held_file_contents([result.held[i.index] for i in held], self.config.checksum_block_bytes)
+            fd = files.create(name)
+            created.append(name)
+            files.write_into(fd, name, contents, self.config.fsync)
+            records.update({index: RecordLocation(name, w.offset, w.length) for index, w in where.items()})
+            checksums[name] = sums
+        if self.config.checksums and checksums:
+            name = checksum_file_name(prefix)
+            fd = files.create(name)
+            created.append(name)
+            files.write_into(fd, name, encode_checksum_file(checksums), self.config.fsync)
+        return records
 
     def _finished_snapshot(self, plan: SavePlan, planner: SavePlanner) -> tuple[Path, SnapshotResult]:
         """The snapshot ``stage`` started, or -- for ``dcp.save`` -- one run right here."""
@@ -430,7 +485,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             return Path(directory), shipped
         prefix: FilePrefix = plan.storage_data
         layout = plan_layout(planner, plan.items, prefix.prefix)
-        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool)
+        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool,
+                            identity=self._claim_identity())
         snapshot.run()
         return self.path, snapshot.done.result()
 
@@ -451,27 +507,33 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
     # -- StorageWriter: the commit step ------------------------------------------------------
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         """Commit (coordinator only): check the files, then publish ``.metadata`` atomically (``commit.py``)."""
+        if self._tier is not None and self._tier.local:  # multi-level: seal, commit locally, hand to the tier worker
+            return tier_save.finish(self._tier, self, metadata, results)
         try:
             storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
             metadata.storage_data = storage_data
             metadata.storage_meta = self.storage_meta()
             metadata.version = "1.0.0"
-            # Fail closed: seal .metadata's own digest and each checksum side file's SHA-256 into it.
-            seal_metadata(metadata, self.path, expected_checksum_files(self.path, {i.relative_path for i in storage_data.values()}))
             referenced = {info.relative_path for info in storage_data.values()}
             checksum_files = {checksum_file_name(_prefix_of(name)) for name in referenced}
             required = required_sizes((i.relative_path, i.offset, i.length) for i in storage_data.values())
-            if self.config.checksums:  # every rank that wrote data wrote its checksums beside it
-                required |= {name: 1 for name in checksum_files}
-            claim = self._claim
-            identity = claim.identity if claim is not None and claim.identity.path == self.path else None
+            sealed = checksum_files if self.config.checksums else set()
+            required |= {name: 1 for name in sealed}  # every rank that wrote data wrote its checksums beside it
+            key = IntegrityPolicy.of(self.config).key
+
+            def seal(dir_fd: int) -> None:
+                # Fail closed: seal .metadata's digest, each side file's SHA-256 and the seal's own facts
+                # into it (keyed with an integrity key), reading the side files through the claimed directory.
+                seal_metadata(metadata, self.path, sealed, checksums=self.config.checksums, key=key, dir_fd=dir_fd)
+
             commit_checkpoint(
-                identity or DirectoryIdentity.of(self.path),
+                self._claim_identity(),
                 metadata,
                 self.save_id[:8],
                 fsync=self.config.fsync,
                 required=required,
                 keep=referenced | checksum_files,
+                seal=seal,
             )
         finally:
             self._end_save()
@@ -538,20 +600,27 @@ def _save_group(call: Any) -> SaveGroup:
 
 
 def _rename_to_prefix(
-    directory: Path, result: SnapshotResult, prefix: str, renamed: list[Path]
+    files: CheckpointDir, result: SnapshotResult, prefix: str, renamed: list[str]
 ) -> tuple[dict, dict[str, FileChecksums]]:
     """Give a staged snapshot's files the save's one prefix (same directory: an atomic rename).
 
     A snapshot staged by ``async_save`` names its files before the global plan exists;
-    the coordinator's tag reaches every rank only in the global plan.
+    the coordinator's tag reaches every rank only in the global plan. A rename never
+    replaces an entry at the new name (``CheckpointDir.rename_new``); ``renamed`` collects
+    the final names, and on failure the files not yet renamed are removed too.
     """
     names: dict[str, str] = {}
-    for name in result.files:
-        new = prefix + name[len(_prefix_of(name)) :]
-        if new != name:
-            os.rename(directory / name, directory / new)
-        renamed.append(directory / new)
-        names[name] = new
+    try:
+        for name in result.files:
+            new = prefix + name[len(_prefix_of(name)) :]
+            files.rename_new(name, new)
+            renamed.append(new)
+            names[name] = new
+    except BaseException:
+        for name in result.files:
+            if name not in names:
+                files.remove(name)
+        raise
     records = {
         index: RecordLocation(names.get(where.relative_path, where.relative_path), where.offset, where.length)
         for index, where in result.records.items()

@@ -36,7 +36,7 @@ def save(path: Path, state: dict, config: DataStatesConfig | None = None) -> Pat
 def test_exit_codes_are_the_documented_ones():
     assert (EXIT_OK, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_UNVERIFIED) == (0, 1, 2, 3)
     doc = dcp_datastates.cli.__doc__
-    for line in ("0  success", "1  the checkpoint is damaged", "2  usage error", "3  verify only"):
+    for line in ("0  success", "1  the checkpoint is damaged", "2  usage error", "3  nothing wrong found, but unverified"):
         assert line in doc
 
 

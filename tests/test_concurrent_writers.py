@@ -82,7 +82,9 @@ def test_a_second_save_in_another_thread_is_refused_naming_the_first(tmp_path, e
         assert isinstance(error, CheckpointException) and "CheckpointBusyError" in str(error)
     message = str(error)
     assert f"pid {os.getpid()}" in message and socket.gethostname() in message
-    assert first_writer.save_id[:8] in message  # the first save's tag
+    assert first_writer._claim.lock.holder_id in message  # the first save's holder id ...
+    assert first_writer.save_id[:8] not in message  # ... never its file-name tag (the names it creates)
+    assert first_writer.save_id[:8] not in (path / LOCK_FILE).read_text()
     assert "this very process" in message
     assert sorted(p.name for p in path.iterdir()) == before  # the refused save wrote nothing
 
@@ -137,7 +139,7 @@ HOLDER = textwrap.dedent(
     state = {"a": torch.full((N,), 2.0), "b": torch.arange(N, dtype=torch.float64) + 2.0, "step": 2}
     writer = DataStatesWriter(path, config, overwrite=True)
     response = dcp.async_save(state, storage_writer=writer, no_dist=True)
-    print(writer.save_id[:8], flush=True)
+    print(writer._claim.lock.holder_id, flush=True)
     response.upload_completion.result()
     print("committed", flush=True)
     """
@@ -150,7 +152,7 @@ def start_holder(path: Path, tmp_path: Path) -> tuple[subprocess.Popen, int, str
     proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), str(fifo)], stdout=subprocess.PIPE, text=True)
     gate = os.open(fifo, os.O_WRONLY)  # blocks until the child opened its end
     tag = proc.stdout.readline().strip()
-    assert len(tag) == 8, tag
+    assert len(tag) == 12, tag
     return proc, gate, tag
 
 

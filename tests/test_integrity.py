@@ -139,7 +139,8 @@ def test_cli_verify_reports_missing_files_and_unverified_stock_checkpoints(tmp_p
     assert missing.returncode == 1 and "file is missing" in missing.stdout
     dcp.save({"a": torch.randn(100)}, storage_writer=dcp.FileSystemWriter(tmp_path / "stock"), no_dist=True)
     stock = run_cli("verify", str(tmp_path / "stock"), "--no-progress")
-    assert stock.returncode == 3 and "UNVERIFIED (saved without checksums)" in stock.stdout, stock.stdout
+    assert stock.returncode == 3 and "UNVERIFIED (no seal)" in stock.stdout, stock.stdout
+    assert "unverified: it carries no seal" in stock.stdout
     not_ckpt = run_cli("verify", str(tmp_path))
     assert not_ckpt.returncode == 2 and "not a complete checkpoint" in not_ckpt.stderr
 

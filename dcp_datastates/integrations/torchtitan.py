@@ -15,6 +15,7 @@ process with our pinned pool (no ``DefaultStager`` copy of the whole state).
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -23,6 +24,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict_saver import AsyncCheckpointerType, AsyncSaveResponse
 
 from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.resume import step_of
+from dcp_datastates.tier_restore import find_restorable, restore
+from dcp_datastates.tiers import MultiLevelConfig
 from dcp_datastates.reader import DataStatesReader
 from dcp_datastates.writer import DataStatesWriter
 
@@ -54,6 +58,19 @@ class DataStatesCheckpointManager(CheckpointManager):
         """Staging buffer (and write) size of the DataStates writer."""
         datastates_io_engine: Literal["auto", "io_uring", "threads"] = "auto"
         """I/O engine of the DataStates writer."""
+        datastates_local_dir: str = ""
+        """Multi-level checkpoints (docs/multilevel.md): a node-local directory with "{node}", e.g.
+        "/local_nvme/{node}/ckpt", that receives every checkpoint first; the checkpoint folder becomes
+        the shared tier, drained in the background. Empty: off."""
+        datastates_partners: int = 1
+        """Multi-level: copies of each node's files kept on another node (0 or 1)."""
+        datastates_drain_every: int = 1
+        """Multi-level: every K-th local checkpoint is drained to the checkpoint folder (0: never)."""
+        datastates_drain_policy: Literal["skip", "queue_one", "wait"] = "queue_one"
+        """Multi-level: a checkpoint due while the previous drain runs is skipped, queued (newest
+        replaces older), or the save call waits."""
+        datastates_keep_local: int = 2
+        """Multi-level: committed local checkpoints kept per node."""
 
         def __post_init__(self) -> None:
             CheckpointManager.Config.__post_init__(self)
@@ -61,13 +78,24 @@ class DataStatesCheckpointManager(CheckpointManager):
                 raise ValueError(
                     f"checkpoint.storage_backend must be 'datastates' or 'filesystem', got {self.storage_backend!r}"
                 )
-            self.datastates_config()  # validate now, with pydantic's messages
+            config = self.datastates_config()  # validate now, with pydantic's messages
+            if config.multilevel is not None and self.async_mode == "async_with_pinned_mem":
+                raise ValueError(
+                    "checkpoint.datastates_local_dir (multi-level checkpoints) runs its tier work in the training "
+                    "process: use checkpoint.async_mode 'async' or 'disabled', not 'async_with_pinned_mem'")
 
         def datastates_config(self) -> DataStatesConfig:
+            multilevel = None
+            if self.datastates_local_dir:
+                multilevel = MultiLevelConfig(
+                    local_dir=self.datastates_local_dir, partners=self.datastates_partners,
+                    drain_every=self.datastates_drain_every, drain_policy=self.datastates_drain_policy,
+                    keep_local=self.datastates_keep_local)
             return DataStatesConfig(
                 host_pool_bytes=self.datastates_host_pool_bytes,
                 chunk_bytes=self.datastates_chunk_bytes,
                 io_engine=self.datastates_io_engine,
+                multilevel=multilevel,
             )
 
     def __init__(self, config: Config, **kwargs: Any) -> None:
@@ -111,9 +139,29 @@ class DataStatesCheckpointManager(CheckpointManager):
             self._snapshot_staging = None
         super()._maybe_wait_for_staging()
 
+    def _find_load_step(self, folder: str = "") -> int:
+        """Multi-level: the newest step the job can restore from any tier, not only the drained ones."""
+        if not (self.use_datastates and self.datastates_config.multilevel is not None):
+            return super()._find_load_step(folder)
+        choice = find_restorable(folder or self.folder, self.datastates_config)
+        if choice is None:
+            return -1
+        # torchtitan's _load insists that the step's folder exists; a step not drained yet has none
+        # (an empty directory is no checkpoint to any reader: no .metadata)
+        os.makedirs(self._create_checkpoint_id(choice.step, folder), exist_ok=True)
+        return choice.step
+
     def dcp_load(self, state_dict: dict[str, Any], checkpoint_id: str, from_hf: bool, from_quantized: bool) -> None:
         if from_hf or not self.use_datastates:
             return super().dcp_load(state_dict, checkpoint_id, from_hf, from_quantized)
+        step = step_of(os.path.basename(os.path.normpath(checkpoint_id)))
+        if self.datastates_config.multilevel is not None and step is not None:
+            # each file from its nearest intact copy: this node's, the partner's, the shared folder
+            if restore(state_dict, os.path.dirname(os.path.normpath(checkpoint_id)), self.datastates_config, step=step) is None:
+                raise FileNotFoundError(f"no tier holds a complete, intact copy of {checkpoint_id}")
+            if MODEL in self.states:
+                self.states[MODEL].load_state_dict(state_dict)
+            return
         # DataStatesReader also reads checkpoints torchtitan wrote with stock DCP (switching backends is safe).
         dcp.load(state_dict, storage_reader=DataStatesReader(checkpoint_id))
         if MODEL in self.states:

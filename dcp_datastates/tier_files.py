@@ -1,0 +1,269 @@
+"""Multi-level checkpoints, the files: committing a tier copy, copying files durably, taking stock of a copy.
+
+Every copy -- a node's local directory, a partner copy, the drained shared checkpoint --
+is committed with the protocol of ``commit.py``: its data files are fsynced first, a
+small manifest (``.tier.json``: who wrote which files, for which world size) next, and
+``.metadata`` last, through a temporary name, a rename and a directory fsync. All copies
+of one save publish the *same* ``.metadata`` bytes, so a copy is recognised as that
+save's by the digest sealed in it, and the shared copy is byte for byte the local one.
+
+``inventory`` is the read side: which of a copy's files are intact (present, of the size
+their checksums record, their side file matching the digest sealed in ``.metadata``).
+Bytes are verified when a restore reads them (``tier_restore``).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.distributed.checkpoint.metadata import Metadata
+
+from dcp_datastates.checksums import CHECKSUM_FILE_SUFFIX, MAX_CHECKSUM_FILE_BYTES, parse_checksum_file, read_regular_file, sha256_hex
+from dcp_datastates.commit import commit_checkpoint, fsync_directory
+from dcp_datastates.directory import METADATA_FILE
+from dcp_datastates.errors import DataStatesError
+from dcp_datastates.metadata_check import (
+    MAX_METADATA_BYTES,
+    integrity_record,
+    metadata_digest,
+    records_by_file,
+    validate_metadata,
+)
+from dcp_datastates.resume import step_of
+from dcp_datastates.safe_pickle import load_metadata_bytes
+from dcp_datastates.save_claim import DirectoryIdentity
+from dcp_datastates.tiers import MANIFEST_FILE
+
+logger = logging.getLogger("dcp_datastates")
+
+MANIFEST_FORMAT = 1
+#: A drain holds a shared lock on this file in the local copy it reads; pruning takes it exclusively.
+PIN_FILE = ".dcp_datastates.drain"
+COPY_CHUNK_BYTES = 8 * 1024**2
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a tier copy holds: which save, written by which job shape."""
+
+    step: str
+    save_tag: str
+    world_size: int
+    kind: str  # "local" or "partner"
+    node: str  # the node whose ranks wrote the files
+    ranks: tuple[int, ...]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"format": MANIFEST_FORMAT, "step": self.step, "save_tag": self.save_tag,
+                           "world_size": self.world_size, "kind": self.kind, "node": self.node,
+                           "ranks": list(self.ranks)}, sort_keys=True).encode()
+
+    @classmethod
+    def read(cls, directory: Path) -> "Manifest | None":
+        try:
+            raw = json.loads(read_regular_file(directory / MANIFEST_FILE, 1 << 20, "tier manifest"))
+            if raw.get("format") != MANIFEST_FORMAT:
+                return None
+            return cls(str(raw["step"]), str(raw["save_tag"]), int(raw["world_size"]), str(raw["kind"]),
+                       str(raw["node"]), tuple(int(r) for r in raw["ranks"]))
+        except (OSError, DataStatesError, ValueError, KeyError, TypeError):
+            return None
+
+
+def commit_copy(directory: Path, metadata_bytes: bytes, manifest: Manifest, required: dict[str, int], *, fsync: bool,
+                identity: DirectoryIdentity | None = None) -> None:
+    """Publish a tier copy in ``directory``: manifest, then ``.metadata`` (``commit.py``'s protocol).
+
+    ``identity``: the directory the save started in (``save_claim``), when it is known.
+    """
+    identity = identity if identity is not None and identity.path == directory else DirectoryIdentity.of(directory)
+    write_durably(directory, MANIFEST_FILE, manifest.to_json(), fsync=fsync)
+    commit_checkpoint(identity, metadata_bytes, manifest.save_tag, fsync=fsync, required=required,
+                      keep=set(required) | {MANIFEST_FILE})
+
+
+def write_durably(directory: Path, name: str, data: bytes, *, fsync: bool) -> None:
+    tmp = directory / f"{name}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        if fsync:
+            os.fsync(f.fileno())
+    os.replace(tmp, directory / name)
+
+
+def copy_file(source: Path, target: Path, *, fsync: bool) -> int:
+    """Copy ``source`` to ``target`` through a temporary name (a crash leaves no half file under the name)."""
+    tmp = target.with_name(target.name + ".part")
+    with open(source, "rb") as src, open(tmp, "wb") as dst:
+        copied = 0
+        while True:
+            n = os.sendfile(dst.fileno(), src.fileno(), copied, COPY_CHUNK_BYTES)
+            if n == 0:
+                break
+            copied += n
+        if fsync:
+            os.fsync(dst.fileno())
+    os.replace(tmp, target)
+    return copied
+
+
+def remove_files(directory: Path, names: list[str]) -> None:
+    for name in names:
+        for path in (directory / name, directory / (name + ".part")):
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+
+def is_side_file(name: str) -> bool:
+    return name.endswith(CHECKSUM_FILE_SUFFIX)
+
+
+# -- what a copy holds ------------------------------------------------------------------------------
+@dataclass
+class CopyInventory:
+    """One copy of one save: where, which save (digest), which of its files are intact here."""
+
+    directory: str
+    step: int
+    digest: str
+    referenced: frozenset[str]  # every file the save consists of (data files and their side files)
+    intact: frozenset[str]
+    world_size: int | None  # from the manifest; None for a shared copy
+    node: str | None
+    kind: str  # "local", "partner" or "shared"
+    sizes: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        return self.referenced <= self.intact
+
+
+def read_metadata_bytes(directory: Path) -> bytes:
+    return read_regular_file(directory / METADATA_FILE, MAX_METADATA_BYTES, "metadata file")
+
+
+def parse_metadata(data: bytes, source: str) -> Metadata:
+    metadata = load_metadata_bytes(data, source, False)
+    validate_metadata(metadata, source, budget=8 * len(data) + 100_000)
+    return metadata
+
+
+def inventory(directory: Path, kind: str) -> CopyInventory | None:
+    """Which files of the save in ``directory`` are intact; None if it is no committed, sealed copy."""
+    step = step_of(directory.name)
+    if step is None:
+        return None
+    try:
+        data = read_metadata_bytes(directory)
+        metadata = parse_metadata(data, str(directory / METADATA_FILE))
+        record = integrity_record(metadata)
+        if record is None or metadata_digest(metadata) != record.metadata_sha256:
+            return None
+        by_file = records_by_file(metadata)
+        referenced = set(by_file) | set(record.checksum_files)
+        intact: set[str] = set()
+        sizes: dict[str, int] = {}
+        checksums = {}
+        for name, digest in record.checksum_files.items():
+            try:
+                raw = read_regular_file(directory / name, MAX_CHECKSUM_FILE_BYTES, "checksum file")
+            except (OSError, DataStatesError):
+                continue
+            if sha256_hex(raw) == digest:
+                try:
+                    checksums.update(parse_checksum_file(raw, name))
+                except DataStatesError:
+                    continue
+                intact.add(name)
+                sizes[name] = len(raw)
+        for name, records in by_file.items():
+            try:
+                st = os.lstat(directory / name)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue  # never read through links or from devices
+            expected = checksums.get(name)
+            if expected is not None:
+                whole = st.st_size == expected.size
+            else:  # saved without checksums: the records must fit
+                whole = not record.checksum_files and st.st_size >= max(o + n for o, n, _ in records)
+            if whole:
+                intact.add(name)
+                sizes[name] = st.st_size
+        manifest = Manifest.read(directory)
+    except (DataStatesError, OSError):
+        return None
+    return CopyInventory(str(directory), step, record.metadata_sha256, frozenset(referenced), frozenset(intact),
+                         manifest.world_size if manifest else None, manifest.node if manifest else None, kind, sizes)
+
+
+def step_directories(root: Path) -> list[Path]:
+    """``step-N`` directories under ``root``, newest first."""
+    if not root.is_dir():
+        return []
+    found = [(step_of(p.name), p) for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None]
+    return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+# -- pins and pruning ---------------------------------------------------------------------------------
+class Pin:
+    """A shared ``flock`` on a local copy that a drain will read: pruning skips pinned copies."""
+
+    def __init__(self, directory: Path) -> None:
+        self.fd: int | None = os.open(directory / PIN_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        fcntl.flock(self.fd, fcntl.LOCK_SH)
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def prune(root: Path, keep: int, *, fsync: bool, upto_step: int | None = None) -> list[str]:
+    """Delete committed copies under ``root`` beyond the newest ``keep`` up to ``upto_step``, and older leftovers.
+
+    Never a pinned copy (a drain reads it), never one newer than ``upto_step`` (the step whose
+    copies are known committed on its node and its partner: a newer one may be committed here
+    only). ``.metadata`` goes first, so a crash midway leaves an incomplete copy, never a
+    complete-looking one with files missing.
+    """
+    dirs = [d for d in step_directories(root) if upto_step is None or step_of(d.name) <= upto_step]  # type: ignore[operator]
+    committed = [d for d in dirs if (d / METADATA_FILE).is_file()]
+    if len(committed) <= keep:
+        return []
+    oldest_kept = step_of(committed[keep - 1].name)
+    removed = []
+    for directory in dirs:
+        if step_of(directory.name) >= oldest_kept:  # type: ignore[operator]
+            continue
+        fd = None
+        try:
+            fd = os.open(directory / PIN_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # type: ignore[arg-type]
+            continue  # a drain reads it; the next prune removes it
+        except OSError:
+            if fd is not None:
+                os.close(fd)
+            continue
+        try:
+            (directory / METADATA_FILE).unlink(missing_ok=True)
+            if fsync:
+                fsync_directory(directory)
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory.name)
+        finally:
+            os.close(fd)
+    return removed
