@@ -233,9 +233,12 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         """Start a save: create the directory once, record which one it is, lock it (coordinator).
 
         ``stage()`` calls this first thing, so a bad, occupied or busy path fails in the
-        caller before any byte is copied.
+        caller before any byte is copied. Every save gets a new ``save_id`` (the tag in its
+        file names) here: DCP resets a writer only when a save names a ``checkpoint_id``, and a
+        writer reused for its own path must not write over the files of the checkpoint it replaces.
         """
         self._end_save()  # a claim left by a save that failed before finish()
+        self.save_id = uuid.uuid4().hex
         prepare_directory(self.path)
         identity = DirectoryIdentity.of(self.path)
         lock = DirectoryLock(identity) if is_coordinator else None

@@ -315,9 +315,13 @@ def test_one_writer_serves_many_saves(tmp_path, side):
         out = load(side, tmp_path / f"step-{i}", {"t": torch.zeros(5), "blob": None, "step": -1})
         assert torch.equal(out["t"], torch.full((5,), float(i))) and out["blob"].getvalue() == bytes([i]) * 3 and out["step"] == i
     storage.reset(tmp_path / "default")  # back to its own path (DCP resets it only when a checkpoint_id is given)
+    data_files = lambda: {p.name for p in (tmp_path / "default").glob("*.distcp")}  # noqa: E731
     for i in range(3):
+        before = data_files()
         dcp.save({"t": torch.full((5,), 10.0 + i)}, storage_writer=storage, no_dist=True)
         assert torch.equal(load(side, tmp_path / "default", {"t": torch.zeros(5)})["t"], torch.full((5,), 10.0 + i))
+        if side == "ours":  # deliberate difference: a new save never writes over the files of the one it replaces
+            assert before.isdisjoint(data_files())
 
 
 class dcp_load_keys:
