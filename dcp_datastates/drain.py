@@ -132,8 +132,9 @@ class Drainer:
                 lock.acquire()
                 if has_complete_checkpoint(job.shared_dir) and not job.overwrite:
                     raise CheckpointExistsError(
-                        f"{str(job.shared_dir)!r} already holds a complete checkpoint; the local checkpoint {job.name} was "
-                        "not drained over it (save with overwrite=True to replace it)")
+                        f"Checkpoint already exists and overwrite=False: {str(job.shared_dir)!r} holds a complete "
+                        f"checkpoint; the local checkpoint {job.name} was not drained over it (leave overwrite at its "
+                        "default, True, to replace it)")
             for name in job.own_files:
                 copied.append(name)
                 self.bytes_copied += copy_one(job.local_dir / name, job.shared_dir / name, job.fsync)

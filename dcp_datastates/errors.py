@@ -12,7 +12,15 @@ class DataStatesError(Exception):
 
 
 class CheckpointExistsError(DataStatesError, FileExistsError):
-    """The target directory already holds a complete checkpoint and overwrite was not asked for."""
+    """The target directory already holds a complete checkpoint and the writer was built with ``overwrite=False``.
+
+    Its message starts with stock DCP's words, "Checkpoint already exists", so code that
+    matches stock's error keeps working.
+    """
+
+
+class InvalidOptionError(DataStatesError, ValueError, TypeError):
+    """A writer or reader argument has the wrong type or a value we cannot honour; the message names it and the fix."""
 
 
 class CheckpointPathError(DataStatesError, OSError):

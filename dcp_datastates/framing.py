@@ -12,6 +12,12 @@ and a *suffix* (everything after it); at write time the raw tensor bytes go in
 between, straight from the staging buffer. The framing depends only on dtype and
 shape, so it is computed at plan time, cached, and lets the planner know the exact
 offset of every item before a single byte is copied.
+
+Some tensors cannot be framed that way: torch refuses ``skip_data`` for quantized
+tensors (their scale and zero points live in the pickle, not in the storage). Those
+are serialized whole, exactly as stock DCP's ``FileSystemWriter`` writes every tensor
+(``serialize_whole``), and stored beside the objects; stock and our readers load such a
+record with ``torch.load``.
 """
 
 from __future__ import annotations
@@ -75,6 +81,34 @@ def tensor_framing(dtype: torch.dtype, shape: tuple[int, ...]) -> TensorFraming:
     if length != data_bytes:
         raise RuntimeError(f"torch.save stored {length} bytes for a {data_bytes}-byte tensor")
     return TensorFraming(container[:start], container[start + data_bytes :], data_bytes)
+
+
+@functools.lru_cache(maxsize=64)
+def can_frame(dtype: torch.dtype) -> bool:
+    """Whether tensors of ``dtype`` get our framing (else: ``serialize_whole``, as stock writes them).
+
+    Decided by asking torch to frame a one-element tensor: whatever ``skip_data`` refuses
+    (quantized dtypes today) is written the stock way instead of failing the save.
+    """
+    try:
+        tensor_framing(dtype, (1,))
+    except Exception:  # noqa: BLE001 - torch's refusal is the answer, whatever its type
+        return False
+    return True
+
+
+def serialize_whole(tensor: torch.Tensor) -> bytes:
+    """``torch.save`` of a tensor record, as stock ``FileSystemWriter`` writes one.
+
+    On the host, and cloned first when it is a view of a larger storage (a slice would
+    otherwise save the whole storage), as stock's loader does before ``torch.save``.
+    """
+    tensor = tensor.detach().cpu()
+    if tensor.untyped_storage().size() != tensor.numel() * tensor.element_size():
+        tensor = tensor.clone()
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return buffer.getvalue()
 
 
 def tensor_bytes_view(tensor: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, ReadItem
 
-from dcp_datastates.framing import TensorFraming, tensor_framing
+from dcp_datastates.framing import TensorFraming, can_frame, tensor_framing
 
 #: O_DIRECT alignment of offsets and lengths.
 DIRECT_IO_ALIGNMENT = 4096
@@ -163,11 +163,11 @@ def classify(item: ReadItem, info: _StorageInfo, stored: StoredTensor | None) ->
     if item.type == LoadItemType.BYTE_IO:
         record.kind = RecordKind.OBJECT
         return record
-    if transforms or stored is None or any(s < 0 for s in stored.shape):
-        return record
+    if transforms or stored is None or any(s < 0 for s in stored.shape) or not can_frame(stored.dtype):
+        return record  # can_frame: a dtype torch.save cannot frame on its own (quantized): torch.load decides
     try:
         framing = tensor_framing(stored.dtype, stored.shape)
-    except Exception:  # a dtype torch.save cannot frame on its own (quantized): let torch.load decide
+    except Exception:  # noqa: BLE001 - a shape torch cannot frame: let torch.load decide
         return record
     if framing.total_bytes != info.length:
         return record

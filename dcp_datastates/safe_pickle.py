@@ -408,8 +408,11 @@ def _bytes_from_data(*args: object) -> bytes:
 
 _bytes_from_data.__module__, _bytes_from_data.__qualname__ = "builtins", "bytes"
 #: Plain-data globals that torch's weights-only unpickler lacks but ``torch.save`` emits for
-#: ordinary objects (``b""``, frozensets); neither can run code.
-_PLAIN_DATA_GLOBALS: list[Any] = [_bytes_from_data, frozenset]
+#: ordinary objects (``b""``, frozensets) and ``io.BytesIO`` values (a trainer's ``torch.save``
+#: blob, which stock DCP hands back as a ``BytesIO``); none can run code. A ``BytesIO`` is
+#: a plain byte container: its pickle is ``NEWOBJ`` of an empty one and ``BUILD`` with
+#: ``(bytes, position, dict)``, and we never unpickle the bytes inside it.
+_PLAIN_DATA_GLOBALS: list[Any] = [_bytes_from_data, frozenset, io.BytesIO]
 
 
 def check_object_record(payload: bytes | memoryview, key: str, relative_path: str, offset: int) -> None:

@@ -42,7 +42,7 @@ from dcp_datastates.chunk_stream import ChunkedFileStream
 from dcp_datastates.config import DataStatesConfig
 from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.errors import DataStatesError
-from dcp_datastates.framing import tensor_bytes_view
+from dcp_datastates.framing import can_frame, serialize_whole, tensor_bytes_view
 from dcp_datastates.held import HeldItem
 from dcp_datastates.layout import RankLayout
 from dcp_datastates.native import create_engine, open_for_write
@@ -275,7 +275,7 @@ class Snapshot:
         try:
             for item in self.layout.object_items:
                 check_not_abandoned(self.interrupt)
-                payload = self._resolve(item).getbuffer()  # type: ignore[union-attr]
+                payload = _whole_record(item, self._resolve(item))
                 result.records[item.index] = RecordLocation(self.layout.object_file, len(contents), len(payload))
                 contents += payload
         finally:
@@ -348,8 +348,9 @@ class Snapshot:
         """Copy every held item out of the live state into host memory of its own (never the pool)."""
         for item in self.held:
             obj = self._resolve(item)
-            if item.tensor_data is None:  # an object: its pickle
-                result.held[item.index] = HeldItem(item, payload=bytes(obj.getbuffer()))  # type: ignore[union-attr]
+            if item.tensor_data is None or not can_frame(item.tensor_data.properties.dtype):
+                # an object's pickle, or a tensor our framing cannot hold (quantized), serialized whole now
+                result.held[item.index] = HeldItem(item, payload=bytes(_whole_record(item, obj)))
                 continue
             _check_tensor_matches(item, obj)
             flat = tensor_bytes_view(obj)  # type: ignore[arg-type]
@@ -453,6 +454,14 @@ class _ObjectsThread:
 def _inode(fd: int) -> tuple[int, int]:
     info = os.fstat(fd)
     return info.st_dev, info.st_ino
+
+
+def _whole_record(item: WriteItem, value: object) -> bytes | memoryview:
+    """A record serialized whole: an object's pickle (the planner's ``BytesIO``), or a tensor as stock writes it."""
+    if item.tensor_data is None:
+        return value.getbuffer()  # type: ignore[union-attr]
+    _check_tensor_matches(item, value)
+    return serialize_whole(value)  # type: ignore[arg-type]
 
 
 def _check_tensor_matches(item: WriteItem, tensor: object) -> None:

@@ -100,8 +100,9 @@ def begin(writer: "DataStatesWriter", state_bytes: int, process_group: Any, *, s
         runtime.wait_for_drains()
     if has_complete_checkpoint(shared) and not writer.overwrite:
         raise CheckpointExistsError(
-            f"{str(shared)!r} already holds a complete checkpoint (.metadata present). Save to a new directory, or pass "
-            "DataStatesWriter(path, overwrite=True) to replace it once this save is drained.")
+            f"Checkpoint already exists and overwrite=False: {str(shared)!r} holds a complete checkpoint (.metadata "
+            "present). Save to a new directory, or leave overwrite at its default (True) to replace it once this save "
+            "is drained.")
     local = local_step_dir(ml, runtime.node, name)
     needed = int(state_bytes * ml.free_space_margin) + LOCAL_OVERHEAD_BYTES
     free = _free_bytes(local.parent)

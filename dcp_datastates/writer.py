@@ -25,7 +25,7 @@ import logging
 import os
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Future as ThreadFuture
 from concurrent.futures import wait
 from dataclasses import dataclass
@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.filesystem import SerializationFormat, _StorageInfo
 from torch.distributed.checkpoint.metadata import STATE_DICT_TYPE, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner, WriteItem
 from torch.distributed.checkpoint.staging import AsyncStager
@@ -55,7 +55,7 @@ from dcp_datastates.dcp_call import find_async_save_call
 from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates import tier_save
-from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError, DataStatesError
+from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError, DataStatesError, InvalidOptionError
 from dcp_datastates.held import held_file_contents
 from dcp_datastates.integrity import IntegrityPolicy
 from dcp_datastates.metadata_check import seal_metadata
@@ -63,6 +63,7 @@ from dcp_datastates.planner import DataStatesSavePlanner, plan_layout, plan_snap
 from dcp_datastates.replicas import SaveGroup, StagedItems, assign_owners
 from dcp_datastates.save_claim import DirectoryIdentity, DirectoryLock, SaveClaim
 from dcp_datastates.shutdown import InFlightSave, begin_save
+from dcp_datastates.stock_options import writer_options
 from dcp_datastates.snapshot import RecordLocation, Snapshot, SnapshotPlan, SnapshotResult
 from dcp_datastates.tiers import TierConfigError
 
@@ -84,8 +85,16 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         path: checkpoint directory (created if missing).
         config: :class:`DataStatesConfig`, or a mapping of its fields (``{"io_engine": "threads"}``)
             validated into one here; defaults if omitted.
-        overwrite: replace a complete checkpoint already in ``path``. The old one stays
-            intact and loadable until the new one commits.
+        overwrite: replace a complete checkpoint already in ``path`` (the default, as for stock
+            ``FileSystemWriter``). The old one stays intact and loadable until the new
+            ``.metadata`` is published (``commit.py``). ``False`` refuses such a directory with
+            :class:`CheckpointExistsError` ("Checkpoint already exists ...", stock's words).
+        single_file_per_rank, sync_files, thread_count, per_thread_copy_ahead,
+        cache_staged_state_dict, serialization_format, _extensions: stock ``FileSystemWriter``'s
+            arguments, so that it can be swapped for this one; what each does here is in
+            :class:`~dcp_datastates.stock_options.FileSystemWriterOptions` (``sync_files`` is
+            ``config.fsync``, ``thread_count`` is ``config.io_threads``). A wrong one raises
+            :class:`InvalidOptionError` naming it and the fix.
     """
 
     def __init__(
@@ -93,7 +102,14 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         path: str | os.PathLike,
         config: DataStatesConfig | Mapping[str, Any] | None = None,
         *,
-        overwrite: bool = False,
+        overwrite: bool = True,
+        single_file_per_rank: bool = True,
+        sync_files: bool | None = None,
+        thread_count: int | None = None,
+        per_thread_copy_ahead: int = 10_000_000,
+        cache_staged_state_dict: bool = False,
+        serialization_format: SerializationFormat = SerializationFormat.TORCH_SAVE,
+        _extensions: Sequence[Any] | None = None,
     ) -> None:
         super().__init__()
         # Validate the config now: a wrong one would otherwise show only in write_data, after DCP
@@ -101,13 +117,21 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         if isinstance(config, Mapping):
             config = DataStatesConfig.model_validate(dict(config))
         elif config is not None and not isinstance(config, DataStatesConfig):
-            raise TypeError(
+            raise InvalidOptionError(
                 f"DataStatesWriter(path, config): config must be a DataStatesConfig or a mapping of its fields, "
                 f"got {type(config).__name__} {config!r}; pass e.g. DataStatesConfig(io_engine='threads') or "
-                f"{{'io_engine': 'threads'}} (overwrite is keyword-only: DataStatesWriter(path, overwrite=True))"
+                f"{{'io_engine': 'threads'}} (the other arguments are keyword-only: DataStatesWriter(path, overwrite=False))"
             )
+        if not isinstance(overwrite, bool):
+            raise InvalidOptionError(f"DataStatesWriter: overwrite must be True or False, got {type(overwrite).__name__} {overwrite!r}")
+        self.stock_options = writer_options(
+            single_file_per_rank=single_file_per_rank, sync_files=sync_files, thread_count=thread_count,
+            per_thread_copy_ahead=per_thread_copy_ahead, cache_staged_state_dict=cache_staged_state_dict,
+            serialization_format=serialization_format, _extensions=_extensions,
+        )
+        config = self.stock_options.apply(config if config is not None else DataStatesConfig())
         self.path = Path(path)
-        self.config = config if config is not None else DataStatesConfig()
+        self.config = config
         self.overwrite = overwrite
         self.save_id = uuid.uuid4().hex
         self.rank = 0
@@ -178,7 +202,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         self.is_coordinator = is_coordinator
         self.rank = kwargs.get("rank") or 0
         if not kwargs.get("use_collectives", True):
-            raise ValueError(
+            raise InvalidOptionError(
                 "DataStatesWriter needs rank coordination (use_collectives=True) to commit one "
                 ".metadata atomically; drop use_collectives=False."
             )
@@ -212,10 +236,14 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         """Start a save: create the directory once, record which one it is, lock it (coordinator).
 
         ``stage()`` calls this first thing, so a bad, occupied or busy path fails in the
-        caller before any byte is copied. The save is registered with ``shutdown`` from now
-        on: Ctrl-C, SIGTERM or ``abandon_in_flight_saves()`` abandon it.
+        caller before any byte is copied. Every save gets a new ``save_id`` (the tag in its
+        file names) here: DCP resets a writer only when a save names a ``checkpoint_id``, and a
+        writer reused for its own path must not write over the files of the checkpoint it replaces.
+        The save is registered with ``shutdown`` from now on: Ctrl-C, SIGTERM or
+        ``abandon_in_flight_saves()`` abandon it.
         """
         self._end_save()  # a claim left by a save that failed before finish()
+        self.save_id = uuid.uuid4().hex
         prepare_directory(self.path)
         identity = DirectoryIdentity.of(self.path)
         lock = DirectoryLock(identity) if is_coordinator else None
@@ -232,9 +260,9 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         if has_complete_checkpoint(self.path) and not self.overwrite:
             self._end_save()
             raise CheckpointExistsError(
-                f"{str(self.path)!r} already holds a complete checkpoint (.metadata present). "
-                "Save to a new directory, or pass DataStatesWriter(path, overwrite=True) to replace it "
-                "(the old checkpoint stays intact until the new one is committed)."
+                f"Checkpoint already exists and overwrite=False: {str(self.path)!r} holds a complete checkpoint "
+                "(.metadata present). Save to a new directory, or leave overwrite at its default (True) to replace "
+                "it: the old checkpoint stays intact and loadable until the new one is committed."
             )
 
     def _release_claim_on_failure(self, snapshot: Snapshot) -> None:

@@ -73,8 +73,8 @@ def checkpoint_root(requested: Path | None) -> Path:
     """The directory this run saves into: a fresh one of its own, or the user's if new or empty.
 
     The example deletes nothing, so it cannot wipe a user's files; it refuses a directory that
-    already holds anything (another run's checkpoints included: saving step-N over them would be
-    refused, and resuming could pick up a newer step left by that run).
+    already holds anything (another run's checkpoints included: saving step-N would replace that
+    run's step-N, and resuming could pick up a newer step left by that run).
     """
     if requested is None:
         return Path(tempfile.mkdtemp(prefix="dcp_datastates_example_"))

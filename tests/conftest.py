@@ -114,7 +114,7 @@ def engine(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def make_writer(engine: str):
-    def _make(path: Path | str, overwrite: bool = False, **overrides: object) -> DataStatesWriter:
+    def _make(path: Path | str, overwrite: bool = True, **overrides: object) -> DataStatesWriter:
         return DataStatesWriter(path, small_config(engine, **overrides), overwrite=overwrite)
 
     return _make
@@ -198,14 +198,14 @@ def assert_loads_as(path: Path, value: float) -> None:
 MULTIRANK = Path(__file__).parent / "multirank"
 
 
-def torchrun_script(script: str, *args: str, timeout: int = 300) -> str:
-    """Run ``tests/multirank/<script>`` on two gloo ranks; fail with both ranks' output, return stdout."""
+def torchrun_script(script: str, *args: str, timeout: int = 300, nproc: int = 2) -> str:
+    """Run ``tests/multirank/<script>`` on ``nproc`` gloo ranks; fail with every rank's output, return stdout."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(MULTIRANK))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(MULTIRANK / script), *args]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(MULTIRANK / script), *args]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout

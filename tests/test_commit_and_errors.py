@@ -34,17 +34,17 @@ def load(path, state, **kw):
     return out
 
 
-def test_refuses_to_overwrite_a_complete_checkpoint(tmp_path, make_writer):
+def test_overwrite_false_refuses_a_complete_checkpoint_in_stock_words(tmp_path, make_writer):
     save(make_writer(tmp_path / "c"), {"x": torch.ones(3)})
-    with pytest.raises(CheckpointException, match="(?s)already holds a complete checkpoint.*overwrite=True"):
-        save(make_writer(tmp_path / "c"), {"x": torch.zeros(3)})
+    with pytest.raises(CheckpointException, match="(?s)Checkpoint already exists and overwrite=False.*holds a complete checkpoint"):
+        save(make_writer(tmp_path / "c", overwrite=False), {"x": torch.zeros(3)})
     assert torch.equal(load(tmp_path / "c", {"x": torch.ones(3)})["x"], torch.ones(3))
 
 
 def test_overwrite_replaces_and_removes_old_files(tmp_path, make_writer):
     save(make_writer(tmp_path / "c"), {"x": torch.ones(3), "o": "old"})
     old_files = {p.name for p in (tmp_path / "c").iterdir()}
-    save(make_writer(tmp_path / "c", overwrite=True), {"x": torch.full((3,), 7.0), "o": "new"})
+    save(make_writer(tmp_path / "c"), {"x": torch.full((3,), 7.0), "o": "new"})  # overwrite: the default
     new_files = {p.name for p in (tmp_path / "c").iterdir()}
     assert old_files & new_files == {METADATA_FILE}  # old data files gone, nothing else left over
     out = load(tmp_path / "c", {"x": torch.ones(3), "o": "old"})

@@ -38,8 +38,9 @@ def saved(tmp_path_factory) -> tuple[Path, dict[str, int]]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     assert "rank 0: replicated OK" in proc.stdout and "rank 1: replicated OK" in proc.stdout  # 2 -> 2 loads exact
-    (line,) = [l for l in proc.stdout.splitlines() if l.startswith("BYTES ")]
-    return out, json.loads(line[len("BYTES ") :])
+    # ranks share one stdout: another rank's line may land right after the JSON, before its newline
+    (found,) = re.findall(r"BYTES (\{[^{}]*\})", proc.stdout)
+    return out, json.loads(found)
 
 
 @pytest.mark.parametrize("name", OURS)

@@ -33,6 +33,11 @@ from dcp_datastates.tier_runtime import TierRuntime, flush_tiers  # noqa: E402
 from dcp_datastates.tiers import MultiLevelConfig  # noqa: E402
 
 
+def say(line: str) -> None:
+    """One whole line in one write: the ranks share the launcher's stdout, and a line split in two interleaves."""
+    os.write(1, (line + "\n").encode())
+
+
 def config(root: str) -> DataStatesConfig:
     return DataStatesConfig(io_engine="threads", chunk_bytes=8192, host_pool_bytes=4 * 8192,
                             multilevel=MultiLevelConfig(local_dir=f"{root}/local/{{node}}", partners=1, keep_local=2))
@@ -70,8 +75,8 @@ def do_restore(root: str, mesh, what: str) -> None:
     result = restore(target, f"{root}/shared", config(root))
     assert result is not None, what
     check(target, result.step)
-    print(f"rank {dist.get_rank()}: {what}: step {result.step} OK local={result.bytes_local} "
-          f"fetched={result.bytes_fetched} shared={result.bytes_shared}", flush=True)
+    say(f"rank {dist.get_rank()}: {what}: step {result.step} OK local={result.bytes_local} "
+          f"fetched={result.bytes_fetched} shared={result.bytes_shared}")
 
 
 def die(*_: object) -> None:
@@ -90,7 +95,7 @@ def main() -> None:
             save(root, step, mesh, group)
         assert flush_tiers(120)
         outcomes = [(o.name, o.local_committed, o.partner_committed, o.drain.result()) for o in TierRuntime.current().outcomes]
-        print(f"rank {rank}: outcomes {outcomes}", flush=True)
+        say(f"rank {rank}: outcomes {outcomes}")
         # a plain single-tier save of step 3, to compare records with
         dcp.save(state(3, mesh), storage_writer=DataStatesWriter(f"{root}/plain-step-3", DataStatesConfig(
             io_engine="threads", chunk_bytes=8192, host_pool_bytes=4 * 8192)))
@@ -106,9 +111,9 @@ def main() -> None:
             drain.copy_one = lambda source, target, fsync: (shutil.copyfile(source, target.with_name(target.name + ".part")),
                                                              open(target.with_name(target.name + ".part"), "r+b").truncate(100), die())
         save(root, 4, mesh, group)
-        print(f"rank {rank}: step 4 saved", flush=True)
+        say(f"rank {rank}: step 4 saved")
         flush_tiers(120)
-        print(f"rank {rank}: the drain of step 4 was not killed", flush=True)
+        say(f"rank {rank}: the drain of step 4 was not killed")
     elif mode == "save-b":
         root = sys.argv[2]
         save(root, 1, mesh, group)
@@ -126,9 +131,9 @@ def main() -> None:
 
             partner.write_piece = write_then_die
         save(root, 2, mesh, group)
-        print(f"rank {rank}: step 2 saved", flush=True)
+        say(f"rank {rank}: step 2 saved")
         flush_tiers(120)
-        print(f"rank {rank}: the partner copy of step 2 was not killed", flush=True)
+        say(f"rank {rank}: the partner copy of step 2 was not killed")
     elif mode == "restore":
         root_a, root_b = sys.argv[2], sys.argv[3]
         do_restore(root_a, mesh, "A after n1 lost")
