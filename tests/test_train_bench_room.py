@@ -11,7 +11,7 @@ from dcp_datastates import bench_training
 
 def tiny_args(**overrides: object) -> argparse.Namespace:
     fields = dict(device="cpu", dim=32, layers=1, heads=4, vocab=64, seq=8, batch=2, accum=1, dtype="fp32",
-                  steps=8, every=2, pool="auto", chunk="1MiB")
+                  steps=8, every=2, pool="auto", chunk="1MiB", keep=2)
     return argparse.Namespace(**(fields | overrides))
 
 
