@@ -50,3 +50,10 @@ def test_methods_subset_runs_the_baseline_and_the_chosen_method(tmp_path, capsys
     rows = [line.split("  ")[0].strip() for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["none", "DataStatesWriter async"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parameters_are_counted_without_building_the_model():
+    for args in (tiny_args(), tiny_args(dim=64, layers=3, vocab=100, heads=2)):
+        built = bench_training.Transformer(args.vocab, args.dim, args.layers, args.heads)
+        assert bench_training.count_parameters(args) == sum(p.numel() for p in built.parameters())
+    assert bench_training.count_parameters(tiny_args(dim=2048, layers=18, heads=16, vocab=32000)) >= 10**9
