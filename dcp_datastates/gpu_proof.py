@@ -52,10 +52,14 @@ PHASES: tuple[PhaseName, ...] = ("tests", "bench", "train")
 DOCUMENT = "gpu_proof.json"
 #: Test-only: the named phase's process hangs instead of doing its work (``HANG_SCRIPT``).
 HANG_ENV = "DCP_GPU_PROOF_TEST_HANG"
-#: What runs in that phase's place: it ignores SIGTERM and leaves a child in its process group, so
-#: only a SIGKILL of the whole group ends it. Plain Python: it hangs within milliseconds of its start.
+#: What runs in that phase's place: it publishes partial figures (``argv[1]`` to the file ``argv[2]``),
+#: ignores SIGTERM and leaves a child in its process group, so only a SIGKILL of the whole group ends
+#: it. Plain Python: it hangs within milliseconds of its start.
 HANG_SCRIPT = """
-import signal, subprocess, sys, time
+import os, signal, subprocess, sys, time
+with open(sys.argv[2] + ".tmp", "w") as f:
+    f.write(sys.argv[1])
+os.replace(sys.argv[2] + ".tmp", sys.argv[2])
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 child = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(3600)"])
 print(f"hanging on purpose; grandchild pid {child.pid}", flush=True)
@@ -103,12 +107,17 @@ class Row(_Model):
         return self
 
 
-class BenchFigures(_Model):
-    phase: Literal["bench"] = "bench"
+class _Measured(_Model):
+    """What every measuring phase says about where it ran and how large its state was."""
+
     device: str
     gpu_name: str | None = None
     torch: str
     state_bytes: int
+
+
+class BenchFigures(_Measured):
+    phase: Literal["bench"] = "bench"
     tensors: int
     rounds: int = 0
     cold_page_cache: bool | None = None  # None: no load measured yet
@@ -151,14 +160,10 @@ class SkippedMethod(_Model):
     estimate_s: float | None = None
 
 
-class TrainFigures(_Model):
+class TrainFigures(_Measured):
     phase: Literal["train"] = "train"
-    device: str
-    gpu_name: str | None = None
-    torch: str
     params: int
     dtype: str
-    state_bytes: int
     steps: int
     every: int
     dim: int
@@ -474,7 +479,11 @@ def run_phase(command: list[str], env: dict[str, str], cwd: Path, box_s: float, 
             _kill_group(proc, grace_s)
             raise
         finally:
-            reader.join(timeout=10)  # a member that escaped the group may hold the pipe: do not wait for it
+            try:  # what the phase left running in its group (a test's stray child) goes with it
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            reader.join(timeout=10)  # a process that left the group may hold the pipe: do not wait for it
         if timed_out:
             log.write(f"\n[gpu-proof] {prefix}: killed at its {box_s:.0f} s box\n")
     return PhaseRun(proc.returncode, time.monotonic() - start, timed_out)
@@ -555,7 +564,12 @@ class Driver:
     def command(self, name: PhaseName, box_s: float, figures: Path, scratch: Path) -> list[str]:
         args = self.args
         if os.environ.get(HANG_ENV) == name:
-            return [sys.executable, "-c", HANG_SCRIPT]
+            partial = {"tests": GpuTestFigures(files=[]),
+                       "bench": BenchFigures(device=args.device, torch="-", state_bytes=0, tensors=0,
+                                             skipped=["hung on purpose"]),
+                       "train": TrainFigures(device=args.device, torch="-", state_bytes=0, params=0, dtype="-", steps=0,
+                                             every=0, dim=0, layers=0, heads=0, vocab=0, seq=0, batch=0)}[name]
+            return [sys.executable, "-c", HANG_SCRIPT, partial.model_dump_json(), str(figures)]
         command = [sys.executable, "-m", "dcp_datastates.gpu_proof_phases", name, "--device", args.device,
                    "--figures", str(figures), "--dir", str(scratch),
                    "--budget-s", f"{max(1.0, box_s - min(10.0, 0.1 * box_s)):.1f}"]
