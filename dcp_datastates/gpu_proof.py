@@ -122,6 +122,8 @@ class BenchFigures(_Measured):
     rounds: int = 0
     cold_page_cache: bool | None = None  # None: no load measured yet
     warm_up_s: dict[str, float] = {}
+    pool_bytes: int | None = None  # our host staging pool after the warm-up (it holds the state, or staging streams)
+    pool_pinned: bool | None = None
     rows: list[Row] = []
     skipped: list[str] = []  # what was not measured, and why
 

@@ -51,6 +51,7 @@ def test_cpu_run_measures_every_row_and_method_with_real_bytes(tmp_path):
 
     bench = phase(document, "bench").figures
     assert isinstance(bench, BenchFigures) and bench.rounds == 1 and bench.cold_page_cache is not None
+    assert bench.pool_bytes >= bench.state_bytes and bench.pool_pinned is False  # the auto pool holds the state
     methods = {r.method: r for r in bench.rows}
     assert set(methods) == {"pinned device-to-host copy", "pageable device-to-host copy", "raw O_DIRECT write (ceiling)",
                             *gpu_proof.STOCK_SAVES, "DataStatesWriter io_uring", "DataStatesWriter threads",
