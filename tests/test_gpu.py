@@ -235,6 +235,8 @@ def test_state_changed_right_after_async_save_returns_stays_out_of_the_checkpoin
     expected = copy.deepcopy({"model": model.state_dict(), "optim": optimizer.state_dict()})
     config = small_config("auto", chunk_bytes="1MiB", host_pool_bytes="16MiB")
     warm_up(tmp_path, {"model": model.state_dict(), "optim": optimizer.state_dict()}, config)
+    torch.zeros(512, device="cuda").add_(1000.0)  # the in-place add below: launched once before the timed region
+    torch.cuda.synchronize()
     busy_gpu(1.0)
     writer = DataStatesWriter(tmp_path / "c", config)
     start = time.perf_counter()
