@@ -50,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError,
 PhaseName = Literal["tests", "bench", "train"]
 PHASES: tuple[PhaseName, ...] = ("tests", "bench", "train")
 DOCUMENT = "gpu_proof.json"
-#: Test-only: the named phase's process hangs instead of doing its work (``HANG_SCRIPT``).
+#: Test-only: the named phases' processes (comma-separated) hang instead of doing their work (``HANG_SCRIPT``).
 HANG_ENV = "DCP_GPU_PROOF_TEST_HANG"
 #: What runs in that phase's place: it publishes partial figures (``argv[1]`` to the file ``argv[2]``),
 #: ignores SIGTERM and leaves a child in its process group, so only a SIGKILL of the whole group ends
@@ -565,7 +565,7 @@ class Driver:
 
     def command(self, name: PhaseName, box_s: float, figures: Path, scratch: Path) -> list[str]:
         args = self.args
-        if os.environ.get(HANG_ENV) == name:
+        if name in os.environ.get(HANG_ENV, "").split(","):
             partial = {"tests": GpuTestFigures(files=[]),
                        "bench": BenchFigures(device=args.device, torch="-", state_bytes=0, tensors=0,
                                              skipped=["hung on purpose"]),
