@@ -22,10 +22,10 @@ bf16 parameters, fp32 master weights and fp32 Adam states (14 bytes per paramete
 For each it reports total time, overhead vs ``none``, and the per-checkpoint training stall: the
 time the loop spent inside the save call plus every wait the save imposed on it.
 
-Disk: a method keeps at most the checkpoint in flight and the one before it (older ones are
-deleted on a background thread as the next starts, for every method alike), and everything is
-deleted before the next method starts; the run refuses to start without room for two
-checkpoints in ``--dir``. ``--methods`` runs a subset (``none`` is always run: it is the baseline).
+Disk: a method keeps at most the checkpoint in flight and the one before it (``--keep 1``: the one
+in flight alone; older ones are deleted on a background thread as the next starts, for every
+method alike), and everything is deleted before the next method starts; the run refuses to start
+without room for those checkpoints in ``--dir``. ``--methods`` runs a subset (``none`` is always run: it is the baseline).
 """
 
 from __future__ import annotations
@@ -87,21 +87,26 @@ class Transformer(torch.nn.Module):
         return self.head(x)
 
 
-class MixedPrecisionAdamW:
+class MixedPrecisionAdamW(torch.optim.Optimizer):
     """AdamW over fp32 master copies of bf16 parameters: bf16 compute, fp32 optimizer state.
 
     torch's AdamW keeps its states in the parameters' dtype; LLM training keeps fp32 master
     weights and fp32 moments instead (Megatron, FSDP mixed precision), and that is the state a
-    checkpoint of such a run holds.
+    checkpoint of such a run holds. A ``torch.optim.Optimizer`` over the bf16 parameters (its
+    ``step`` goes through torch's optimizer hooks), because that is what makes them known to a
+    lazy snapshot: their only writes are in ``step``, which waits for the snapshot's copies. A
+    wrapper torch does not know as an optimizer leaves the 2 GB of bf16 parameters of a 1B model
+    unguarded -- more than a save may copy aside -- and every async save staging synchronously.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], lr: float) -> None:
+        super().__init__(params, {"lr": lr})
         self.params = params
         self.master = [p.detach().float() for p in params]
         self.inner = materialise_moments(torch.optim.AdamW(self.master, lr=lr))
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
         for master, param in zip(self.master, self.params):
             master.grad = param.grad.float()
         self.inner.step()
@@ -109,11 +114,7 @@ class MixedPrecisionAdamW:
             param.copy_(master)
             master.grad = None
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for param in self.params:
-            param.grad = None
-
-    def state_dict(self) -> dict:
+    def state_dict(self) -> dict:  # type: ignore[override]
         return {"adamw": self.inner.state_dict(), "master": {str(i): m for i, m in enumerate(self.master)}}
 
 
@@ -143,6 +144,10 @@ class RunResult:
     method: str
     seconds: list[float] = field(default_factory=list)  # one total per repeat
     stalls: list[float] = field(default_factory=list)  # every checkpoint of every repeat
+    #: per repeat: the loop until its last step returned (the last checkpoint may still be writing) --
+    #: what a long run pays per step; ``seconds`` adds the wait for that last checkpoint (``drain_seconds``)
+    steps_seconds: list[float] = field(default_factory=list)
+    drain_seconds: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -154,12 +159,43 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def train(method: str, args: argparse.Namespace, directory: Path, result: RunResult) -> None:
-    """One timed training run of ``method``; appends its total time and stalls to ``result``."""
+def build(args: argparse.Namespace) -> "tuple[Transformer, torch.optim.AdamW | MixedPrecisionAdamW]":
+    """The model and its optimizer, made on ``args.device`` directly.
+
+    Initialising a 1B-parameter model on the host and moving it takes longer than a checkpoint
+    of it; on the GPU it takes a second.
+    """
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
-    model = Transformer(args.vocab, args.dim, args.layers, args.heads).to(args.device, dtype)
-    optimizer = make_optimizer(model, dtype)
+    with torch.device(args.device):
+        model = Transformer(args.vocab, args.dim, args.layers, args.heads).to(dtype)
+    return model, make_optimizer(model, dtype)
+
+
+def forward_backward(model: Transformer, tokens: torch.Tensor) -> None:
+    """One micro-batch: forward, loss, backward (gradients accumulate)."""
+    logits = model(tokens[:, :-1])
+    F.cross_entropy(logits.flatten(0, 1).float(), tokens[:, 1:].flatten()).backward()
+
+
+def count_parameters(args: argparse.Namespace) -> int:
+    """Parameters of the ``Transformer`` that ``args`` describe, without building it.
+
+    Building a 1B-parameter model costs seconds on the host, and on the meta device its
+    initialisers import torch's compiler (seconds too); the sum is plain (checked against a
+    built model in ``tests/test_train_bench_room.py``).
+    """
+    dim = args.dim
+    block = 2 * dim + 12 * dim * dim  # two RMSNorm weights; qkv 3d^2, out d^2, up 4d^2, down 4d^2
+    return 2 * args.vocab * dim + args.layers * block  # embedding and head, untied
+
+
+def train(method: str, args: argparse.Namespace, directory: Path, result: RunResult) -> None:
+    """One timed training run of ``method``; appends its times and stalls to ``result``.
+
+    ``args.keep`` checkpoints stay on disk (the one in flight and, with 2, the complete one before it).
+    """
+    model, optimizer = build(args)
     config = DataStatesConfig(host_pool_bytes=args.pool, chunk_bytes=args.chunk)
     stager = make_stager(args.device) if method.startswith("stock async") else None
     pending, staging = None, None
@@ -180,27 +216,23 @@ def train(method: str, args: argparse.Namespace, directory: Path, result: RunRes
 
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), device=args.device)
 
-    def training_step() -> None:
-        for _ in range(args.accum):  # forward and backward never wait for a snapshot
-            loss = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten())
-            loss.backward()
+    def training_step(accum: int) -> None:
+        for _ in range(accum):  # forward and backward never wait for a snapshot
+            forward_backward(model, tokens)
         before_step()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     # Untimed warm-up: one-time costs happen once per job, not per checkpoint -- kernel selection
-    # and the allocator for every method; for the checkpointing ones, one whole checkpoint of this
-    # state (our pool's allocation and pinning, the stock stager's pinned copy, numba's kernels).
+    # and the allocator for every method (one micro-batch per step launches every kernel a step
+    # does), and each checkpointing method's own (``_warm_up``).
     for _ in range(2):
-        training_step()
-    if method != "none":
-        warm, _ = _save(method, _state_of(model, optimizer, 0), directory / "warm-up", config, stager)
-        warm.result()
-        shutil.rmtree(directory / "warm-up")
+        training_step(1)
+    _warm_up(method, _state_of(model, optimizer, 0), directory / "warm-up", config, stager)
     synchronize(args.device)
     begin = time.perf_counter()
     for step in range(1, args.steps + 1):
-        training_step()
+        training_step(args.accum)
         if step % args.every == 0 and method != "none":
             if stall is not None:
                 result.stalls.append(stall)
@@ -210,13 +242,16 @@ def train(method: str, args: argparse.Namespace, directory: Path, result: RunRes
             path = directory / f"{method.split()[0]}-{step}"
             pending, staging = _save(method, _state_of(model, optimizer, step), path, config, stager)
             stall = time.perf_counter() - start
-            # Keep the new checkpoint and the complete one before it; delete older ones off the loop.
+            # Keep the new checkpoint (and, with keep=2, the complete one before it); delete older ones off the loop.
             on_disk.append(path)
-            while len(on_disk) > 2:
+            while len(on_disk) > args.keep:
                 deletions.append(_delete_in_background(on_disk.pop(0)))
+    synchronize(args.device)
+    stepped = time.perf_counter()
+    result.steps_seconds.append(stepped - begin)
     if pending is not None:
         pending.result()
-    synchronize(args.device)
+    result.drain_seconds.append(time.perf_counter() - stepped)
     result.seconds.append(time.perf_counter() - begin)
     if stall is not None:
         result.stalls.append(stall)
@@ -224,6 +259,25 @@ def train(method: str, args: argparse.Namespace, directory: Path, result: RunRes
         stager.close()
     for thread in deletions:
         thread.join()
+
+
+def _warm_up(method: str, state: dict, path: Path, config: DataStatesConfig, stager: DefaultStager | None) -> None:
+    """A method's one-time costs, paid before the timed loop as a job pays them once.
+
+    Ours: one whole checkpoint (the pool's allocation and pinning, numba's kernels, the engine).
+    Stock async: one staging, which allocates and pins the host copy that ``DefaultStager`` keeps
+    for the same tensors (its writes have no one-time cost). Stock sync has none: it allocates
+    its host copy anew at every save.
+    """
+    if method == "DataStatesWriter async":
+        done, _ = _save(method, state, path, config, stager)
+        done.result()
+        shutil.rmtree(path)
+    elif method == "stock async_save + DefaultStager":
+        assert stager is not None
+        staged = stager.stage(state)
+        if isinstance(staged, Future):
+            staged.result()
 
 
 def make_stager(device: str) -> DefaultStager:
@@ -271,14 +325,20 @@ METHODS = ["none", "DataStatesWriter async", "stock async_save + DefaultStager",
 METHOD_KEYS = dict(zip(["none", "datastates", "stock-async", "stock-sync"], METHODS))
 
 
-def check_room(directory: Path, state_bytes: int, methods: list[str]) -> None:
-    """Refuse to start a run that cannot fit: two checkpoints on disk, pinned staging in host memory."""
-    need_disk = 2 * state_bytes + 2**30  # the checkpoint in flight, the one before it, and slack
+def disk_needed(state_bytes: int, keep: int = 2) -> int:
+    """Disk a run needs: ``keep`` checkpoints (the one in flight and the ones kept before it), and slack."""
+    return keep * state_bytes + 2**30
+
+
+def check_room(directory: Path, state_bytes: int, methods: list[str], keep: int = 2) -> None:
+    """Refuse to start a run that cannot fit: ``keep`` checkpoints on disk, pinned staging in host memory."""
+    need_disk = disk_needed(state_bytes, keep)
     free_disk = shutil.disk_usage(directory).free
     if free_disk < need_disk:
         raise SystemExit(
-            f"{directory} has {free_disk / 2**30:.1f} GiB free; this benchmark keeps up to two {state_bytes / 2**30:.1f} GiB "
-            f"checkpoints ({need_disk / 2**30:.1f} GiB): pass --dir on a larger file system or a smaller model"
+            f"{directory} has {free_disk / 2**30:.1f} GiB free; this benchmark keeps up to {('one', 'two')[keep - 1]} "
+            f"{state_bytes / 2**30:.1f} GiB checkpoints ({need_disk / 2**30:.1f} GiB): pass --dir on a larger file "
+            "system, a smaller model, or --keep 1"
         )
     try:
         available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
@@ -325,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=1,
                         help="runs per method, round-robin (the order rotating); totals are medians")
     parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--keep", type=int, choices=[1, 2], default=2,
+                        help="checkpoints kept on disk: the one in flight and (2) the complete one before it")
     parser.add_argument("--methods", default=",".join(METHOD_KEYS),
                         help=f"comma-separated subset of {', '.join(METHOD_KEYS)} (none always runs: the baseline)")
     preset, _ = parser.parse_known_args(argv)
@@ -338,15 +400,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--methods: unknown {unknown}; choose from {', '.join(METHOD_KEYS)}")
     methods = [m for k, m in METHOD_KEYS.items() if k == "none" or k in keys]
     args.dtype = args.dtype or ("bf16" if args.device == "cuda" else "fp32")
-    probe = Transformer(args.vocab, args.dim, args.layers, args.heads)
-    params = sum(p.numel() for p in probe.parameters())
-    del probe
+    params = count_parameters(args)
     state = params * state_bytes_per_parameter(DTYPES[args.dtype])
     DataStatesConfig(host_pool_bytes=args.pool, chunk_bytes=args.chunk)  # fail before training on a bad size
     directory = Path(tempfile.mkdtemp(prefix="dcp_datastates_train_bench_", dir=args.dir))
     try:
         if len(methods) > 1:
-            check_room(directory, state, methods)
+            check_room(directory, state, methods, args.keep)
         results = {method: RunResult(method) for method in methods}
         for repeat in range(args.repeats):
             for method in methods[repeat % len(methods) :] + methods[: repeat % len(methods)]:

@@ -86,7 +86,7 @@ class RecordDelivery:
     """One record's state while its pieces land."""
 
     __slots__ = ("record", "planner", "trust", "consumed", "raw", "prefix", "target", "target_bytes", "temp",
-                 "cuda", "gathering", "want", "target_ptr")
+                 "cuda", "gathering", "want", "target_ptr", "device_copies")
 
     def __init__(self, record: RecordRead, planner: LoadPlanner, trust: bool) -> None:
         self.record = record
@@ -102,6 +102,7 @@ class RecordDelivery:
         self.gathering = record.kind is not RecordKind.FRAMED
         self.want = (0, 0)  # record-relative byte range of the data this delivery needs
         self.target_ptr = 0  # address of a CPU destination's first byte (direct path)
+        self.device_copies = 0  # asynchronous host-to-device copies out of read buffers (direct path)
 
     @property
     def where(self) -> str:
@@ -204,6 +205,7 @@ class RecordDelivery:
         source = data[lo + s - rel : lo + e - rel]
         if self.target_bytes is not None:  # set for every direct target a piece this large can reach
             self.target_bytes[s - want_lo : e - want_lo].copy_(source, non_blocking=self.cuda)
+            self.device_copies += self.cuda
         else:
             assert self.temp is not None
             self.temp[s - want_lo : e - want_lo].copy_(source)

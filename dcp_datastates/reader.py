@@ -326,7 +326,9 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         stats = self.last_read
         stats.engine = engine.name
         deliveries: dict[int, RecordDelivery] = {}
-        gpu_copies: dict[int, Any] = {}  # buffer index -> CUDA event after the copies out of it
+        # buffer index -> CUDA events after the copies out of it: one per destination device, each
+        # on that device's current stream (where a host-to-device copy into it runs)
+        gpu_copies: dict[int, list[Any]] = {}
 
         opened: dict[int, int] = {}
         last_window = {w.file_index: i for i, w in enumerate(read_plan.windows)}
@@ -349,8 +351,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             return opened[index], path
 
         def before_reuse(buffer: HostBuffer) -> None:
-            event = gpu_copies.pop(buffer.index, None)
-            if event is not None:
+            for event in gpu_copies.pop(buffer.index, ()):
                 event.synchronize()
 
         try:
@@ -378,7 +379,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                         stats.bytes_verified += landed.valid
                     clock = time.perf_counter()
                     stats.verify_seconds += clock - now
-                    copied_to_gpu = False
+                    devices: set[torch.device] = set()
                     address = buffer.tensor.data_ptr()
                     for record in window.records:
                         delivery = deliveries.get(id(record))
@@ -389,21 +390,29 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                         if tee is not None and record.item.storage_index in tee[1]:  # verified bytes for other ranks
                             at = tee[1][record.item.storage_index] + max(record.offset, window.start) - record.offset
                             tee[0][at : at + hi - lo].copy_(buffer.tensor[lo:hi])
+                        copies = delivery.device_copies
                         if delivery.feed(buffer.view, buffer.tensor, lo, hi, address):
                             del deliveries[id(record)]
                             stats.records += 1
                             stats.framed += delivery.direct
-                        copied_to_gpu |= delivery.cuda
-                    if copied_to_gpu:
-                        event = torch.cuda.Event()
-                        event.record()
-                        gpu_copies[buffer.index] = event
+                        if delivery.cuda:
+                            assert delivery.target is not None
+                            devices.add(delivery.target.device)
+                            stats.device_copies += delivery.device_copies - copies
+                    if devices:
+                        events = [torch.cuda.Event() for _ in devices]
+                        for event, device in zip(events, devices):
+                            event.record(torch.cuda.current_stream(device))
+                        gpu_copies[buffer.index] = events
+                        stats.copy_events += len(events)
                     now, clock = clock, time.perf_counter()
                     stats.deliver_seconds += clock - now
                     if last_window[window.file_index] == number:
                         os.close(opened.pop(window.file_index))
-                for event in gpu_copies.values():
-                    event.synchronize()
+                for events in gpu_copies.values():
+                    for event in events:
+                        event.synchronize()
+                stats.pinned = pool.pinned  # every buffer the load used, now that all were handed out
         finally:
             engine.close()
             for fd in opened.values():
@@ -465,3 +474,8 @@ class ReadStats:
     wait_seconds: float = 0.0  # waiting for reads to land
     verify_seconds: float = 0.0  # checksumming landed windows
     deliver_seconds: float = 0.0  # decoding and copying into destinations
+    #: asynchronous host-to-device copies out of the (pinned) read buffers into GPU destinations
+    device_copies: int = 0
+    #: CUDA events recorded after a buffer's copies: it is refilled only once they have landed
+    copy_events: int = 0
+    pinned: bool = False  # the read buffers were pinned (so those copies really ran asynchronously)

@@ -26,6 +26,7 @@ import contextlib
 import io  # noqa: F401 - named in the Resolver alias
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class SnapshotResult:
     device_copies: int = 0
     #: Per-buffer CUDA events the sealer waited on before checksumming and writing a buffer.
     copy_events: int = 0
+    #: Seconds from the first tensor copy queued until every copy had landed (``finish_copies``):
+    #: the tensor bytes over this is the snapshot's copy rate (device-to-host on a GPU).
+    copy_seconds: float = 0.0
     #: items copied to host memory, written by ``write_data`` if the global plan gives them to this rank.
     held: dict[MetadataIndex, HeldItem] = field(default_factory=dict)
     #: block checksums of every file written (the writer writes the side file once the save's files are final).
@@ -314,6 +318,7 @@ class Snapshot:
                 target, engine, self._pool, block_bytes if self._config.checksums else None, copy_stream, self.interrupt
             )
             try:
+                copies_began = time.perf_counter()
                 # On the copy stream, a non-contiguous tensor's packing copy also stays off the training stream.
                 with torch.cuda.stream(copy_stream) if copy_stream is not None else contextlib.nullcontext():
                     for record in self.layout.tensor_records:
@@ -329,6 +334,7 @@ class Snapshot:
                 stream.finish_copies()
                 if copy_stream is not None and self.held:
                     copy_stream.synchronize()
+                result.copy_seconds = time.perf_counter() - copies_began
             except BaseException:
                 stream.abort()
                 raise

@@ -16,6 +16,7 @@ the same bytes).
 
 from __future__ import annotations
 
+import copy
 import time
 
 import pytest
@@ -23,7 +24,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from conftest import assert_state_equal, sample_state, small_config, zeros_like_state
-from dcp_datastates import DataStatesReader, DataStatesWriter
+from dcp_datastates import DataStatesReader, DataStatesWriter, install_optimizer_guard
 from dcp_datastates.buffer_pool import HostBufferPool
 
 pytestmark = pytest.mark.gpu
@@ -130,6 +131,10 @@ def test_async_save_does_not_wait_for_the_gpu_yet_captures_every_queued_update(t
     with torch.cuda.stream(stream):
         x = torch.zeros(4 * 1024**2, device="cuda")  # 16 MiB: several staging buffers
         x.add_(0)
+        # A parameter of a guarded optimizer: read lazily from the live tensor on the copy stream. (With no
+        # optimizer known, capture would copy it to the host synchronously -- and the call would wait.)
+        optimizer = torch.optim.SGD([x], lr=0.0)
+        install_optimizer_guard(optimizer)
         config = small_config("auto", chunk_bytes="4MiB", host_pool_bytes="32MiB")
         warm_up(tmp_path, {"x": x}, config)
         busy_gpu(1.0)
@@ -141,10 +146,12 @@ def test_async_save_does_not_wait_for_the_gpu_yet_captures_every_queued_update(t
         assert not stream.query(), "async_save waited for the training stream"
         assert not response.staging_completion.done()
         assert returned < 0.5
+        assert writer.last_capture.tensors_captured == 0  # x is read where it lives: the lazy path
         response.staging_completion.result()
         x.add_(1)  # after staging: must not reach the checkpoint
     response.upload_completion.result()
     assert_device_copy_path_taken(writer)
+    assert optimizer.param_groups[0]["params"][0] is x  # the guard's optimizer lived through the save
     out = {"x": torch.zeros_like(x)}
     dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
     assert torch.equal(out["x"], torch.ones_like(x))
@@ -180,3 +187,77 @@ def test_guard_lets_forward_and_backward_overlap_the_device_copies(tmp_path):
     for name, value in expected.items():
         assert torch.equal(out["model"][name], value), name
     assert not torch.equal(model.weight, expected["weight"])  # the step did run afterwards
+
+
+def flat(value: object, prefix: str = "") -> dict[str, object]:
+    """Every leaf of nested dicts and lists, by its path."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}{i}.").items()}
+    return {prefix: value}
+
+
+def assert_same_values(actual: dict, expected: dict) -> None:
+    got, want = flat(actual), flat(expected)
+    assert got.keys() == want.keys()
+    for key, value in want.items():
+        if isinstance(value, torch.Tensor):
+            assert got[key].dtype == value.dtype and torch.equal(got[key].cpu(), value.cpu()), key
+        else:
+            assert got[key] == value, key
+
+
+def test_state_changed_right_after_async_save_returns_stays_out_of_the_checkpoint(tmp_path):
+    """Training resumes the moment async_save returns, while the device copies still wait behind queued work.
+
+    Right then a buffer is written in place (captured at the call) and a whole step runs: forward
+    updates BatchNorm's running statistics, the optimizer step -- which waits for the copies --
+    changes every parameter and moment. The checkpoint holds the state as it was at the call, to the
+    byte; none of the later values leaks into it.
+    """
+    def make(seed: int):
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.BatchNorm1d(512), torch.nn.Linear(512, 64))
+        model = model.cuda()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        return model, optimizer
+
+    def step(model, optimizer) -> None:
+        model(torch.randn(32, 256, device="cuda")).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    model, optimizer = make(0)
+    install_optimizer_guard(optimizer)
+    for _ in range(2):
+        step(model, optimizer)  # the moments exist, and every kernel of a step has run once
+    expected = copy.deepcopy({"model": model.state_dict(), "optim": optimizer.state_dict()})
+    config = small_config("auto", chunk_bytes="1MiB", host_pool_bytes="16MiB")
+    warm_up(tmp_path, {"model": model.state_dict(), "optim": optimizer.state_dict()}, config)
+    torch.zeros(512, device="cuda").add_(1000.0)  # the in-place add below: launched once before the timed region
+    torch.cuda.synchronize()
+    busy_gpu(1.0)
+    writer = DataStatesWriter(tmp_path / "c", config)
+    start = time.perf_counter()
+    response = dcp.async_save({"model": model.state_dict(), "optim": optimizer.state_dict()}, storage_writer=writer,
+                              no_dist=True)
+    returned = time.perf_counter() - start
+    assert not response.staging_completion.done(), "the copies ran before training resumed: nothing raced them"
+    with torch.no_grad():
+        model[1].running_mean.add_(1000.0)  # in place, at once, outside any optimizer step
+    step(model, optimizer)  # the optimizer step inside waits for the copies
+    assert response.staging_completion.done()
+    response.upload_completion.result()
+    assert returned < 0.5
+    assert_device_copy_path_taken(writer)
+    assert writer.last_capture.tensors_captured >= 3  # running_mean, running_var, num_batches_tracked
+
+    live = {"model": model.state_dict(), "optim": optimizer.state_dict()}
+    for key in ("1.running_mean", "1.num_batches_tracked", "0.weight", "2.bias"):
+        assert not torch.equal(live["model"][key], expected["model"][key]), f"{key} did not change: nothing raced"
+    fresh_model, fresh_optimizer = make(1)
+    step(fresh_model, fresh_optimizer)  # its moments exist, to load into
+    target = {"model": fresh_model.state_dict(), "optim": fresh_optimizer.state_dict()}
+    dcp.load(target, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
+    assert_same_values(target, expected)

@@ -136,6 +136,8 @@ def test_checkpoint_holds_exactly_the_saved_step_while_training_continues(tmp_pa
     assert response.staging_completion.done()  # the guard waited for it before the first step
     response.upload_completion.result(timeout=60)
     guard.remove()
+    if device == "cuda":  # the asynchronous device-copy path was taken (the synchronous one writes the same bytes)
+        assert writer.last_stats.device_copies > 0 and writer.last_stats.copy_events > 0, writer.last_stats
     assert not torch.equal(next(model.parameters()).cpu(), expected["model"]["0.weight"].cpu())  # training moved on
 
     fresh_model, fresh_optimizer = make_training(device, seed=123)

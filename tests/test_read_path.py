@@ -363,7 +363,10 @@ def test_load_into_gpu_destinations_is_exact(tmp_path):
     target = {k: torch.zeros_like(v, device="cuda") for k, v in state.items()}
     reader = DataStatesReader(tmp_path / "c", config=small_config("io_uring", chunk_bytes="1MiB", host_pool_bytes="4MiB"))
     dcp.load(target, storage_reader=reader, no_dist=True)
-    assert reader.last_read.framed == 3
+    read = reader.last_read
+    assert read.framed == 3
+    # asynchronous host-to-device copies out of pinned buffers, each buffer refilled only after its event
+    assert read.pinned and read.device_copies >= 3 and read.copy_events >= 3, read
     assert all(torch.equal(target[k].cpu(), v) for k, v in state.items())
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from dcp_datastates import bench_training
 
 
 def tiny_args(**overrides: object) -> argparse.Namespace:
     fields = dict(device="cpu", dim=32, layers=1, heads=4, vocab=64, seq=8, batch=2, accum=1, dtype="fp32",
-                  steps=8, every=2, pool="auto", chunk="1MiB")
+                  steps=8, every=2, pool="auto", chunk="1MiB", keep=2)
     return argparse.Namespace(**(fields | overrides))
 
 
@@ -50,3 +51,33 @@ def test_methods_subset_runs_the_baseline_and_the_chosen_method(tmp_path, capsys
     rows = [line.split("  ")[0].strip() for line in capsys.readouterr().out.splitlines()[2:]]
     assert rows == ["none", "DataStatesWriter async"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_parameters_are_counted_without_building_the_model():
+    for args in (tiny_args(), tiny_args(dim=64, layers=3, vocab=100, heads=2)):
+        built = bench_training.Transformer(args.vocab, args.dim, args.layers, args.heads)
+        assert bench_training.count_parameters(args) == sum(p.numel() for p in built.parameters())
+    assert bench_training.count_parameters(tiny_args(dim=2048, layers=18, heads=16, vocab=32000)) >= 10**9
+
+
+def test_mixed_precision_state_is_read_lazily_not_copied_aside(tmp_path):
+    """Once it stepped, every tensor of the bf16 run's state is owned by a known optimizer: nothing is captured.
+
+    (Its 2 GB of bf16 parameters at 1B parameters would exceed what a save may copy aside and make
+    every async save stage synchronously.)
+    """
+    from dcp_datastates.capture import capture_mutable
+
+    args = tiny_args(dtype="bf16")
+    model, optimizer = bench_training.build(args)
+    tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
+    bench_training.forward_backward(model, tokens)
+    optimizer.step()
+    captured = capture_mutable(bench_training._state_of(model, optimizer, 1), budget_bytes=2**40)
+    assert captured.tensors_captured == 0 and captured.bytes_captured == 0, captured
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer.zero_grad(set_to_none=True)
+    bench_training.forward_backward(model, tokens)
+    optimizer.step()  # the bf16 parameters follow the fp32 masters
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(v.dtype == torch.bfloat16 for v in model.state_dict().values())
