@@ -115,3 +115,34 @@ def test_no_traceback_from_a_real_process_on_hostile_input(tmp_path):
     done = subprocess.run([sys.executable, "-m", "dcp_datastates", "verify", str(ckpt)], capture_output=True, text=True, timeout=120)
     assert done.returncode == EXIT_DAMAGED and "Traceback" not in done.stderr
     assert done.stderr == f"error: {ckpt / '.metadata'} is empty (0 bytes); the checkpoint is damaged. Load another checkpoint.\n"
+
+
+def test_readme_cli_commands_run(tmp_path, monkeypatch):
+    """Every command of the README's "Command line" block runs on a real checkpoint (bench at a tiny size)."""
+    import re
+    import shlex
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("\n## Command line\n"):]
+    (block,) = re.findall(r"```bash\n(.*?)```", section[: section.index("\n## ", 1)], re.S)
+    ckpt = save(tmp_path / "ckpt" / "step-200", {"w": torch.arange(6.0).reshape(2, 3), "step": 200})
+    monkeypatch.chdir(tmp_path)
+    commands = [line.partition("#")[0].strip() for line in block.splitlines() if line.strip()]
+    assert len(commands) == 6
+    for command in commands:
+        args = shlex.split(command.replace("/ckpt/step-200", str(ckpt)))
+        assert args[0] == "dcp-datastates", command
+        if args[1] == "bench":  # the full-size benchmark is not a test: the same command, tiny
+            args = [*args[:2], "--size-gib", "0.01", "--repeats", "1", "--dir", str(tmp_path), "--skip-load",
+                    "--skip-verify", "--skip-small", "--json"]
+        with contextlib.suppress(SystemExit):
+            code, out, err = cli(*args[1:])
+        assert code == EXIT_OK, (command, out, err)
+        if args[1] == "inspect":
+            assert "w" in out and "2x3" in out
+        if "--json" in args and args[1] == "verify":
+            assert json.loads(out)["status"] == "verified"
+        if args[1] == "convert":
+            assert torch.load(tmp_path / "step-200.pt", weights_only=True)["w"].equal(torch.arange(6.0).reshape(2, 3))
+        if args[1] == "--version":
+            assert dcp_datastates.__version__ in out

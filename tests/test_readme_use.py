@@ -1,4 +1,4 @@
-"""The README's "Use" snippet runs as written and really restores the optimizer state (issue 15.4)."""
+"""The README's "Use" snippet runs as written and really restores the optimizer state."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ CHECK = textwrap.dedent('''
             assert torch.equal(got["state"][pid][name], value), (pid, name)
     assert float(saved["state"][0]["step"]) == 2.0  # two training steps before the last save
     assert got["param_groups"] == saved["param_groups"]
-    for (name, p), (_, q) in zip(model.named_parameters(), new_model.named_parameters()):
+    for (name, p), (_, q) in zip(model.named_parameters(), restored_model.named_parameters()):
         assert torch.equal(p, q), name
     print("README snippet: model and optimizer state restored exactly")
 ''')
