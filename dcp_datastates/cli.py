@@ -89,7 +89,7 @@ else:
 EXIT_OK, EXIT_DAMAGED, EXIT_UNUSABLE, EXIT_UNVERIFIED = 0, 1, 2, 3
 EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE: the reader of our output closed it
 
-_RANK_RE = re.compile(r"^__(\d+)_")
+_RANK_RE = re.compile(r"^__(\d{1,9})_")  # longer: not a rank (big ints can collide in a set)
 
 
 def _plural(n: int, word: str) -> str:
@@ -106,13 +106,15 @@ def _human(n: float) -> str:
 
 # -- inspect -----------------------------------------------------------------------------------
 def describe(metadata: Metadata) -> dict[str, Any]:
-    """Keys, shapes, dtypes, sizes and which ranks' files hold each key's shards."""
+    """Keys, shapes, dtypes, sizes and which ranks' files hold each key's shards (one pass over the records)."""
     ranks_of: dict[str, set[int]] = {}
+    object_bytes: dict[str, int] = {}
     files: set[str] = set()
     for index, info in metadata.storage_data.items():
         files.add(info.relative_path)
         match = _RANK_RE.match(info.relative_path)
         ranks_of.setdefault(index.fqn, set()).add(int(match.group(1)) if match else -1)
+        object_bytes[index.fqn] = object_bytes.get(index.fqn, 0) + info.length
     entries = []
     for key, md in sorted(metadata.state_dict_metadata.items()):
         if isinstance(md, TensorStorageMetadata):
@@ -122,8 +124,7 @@ def describe(metadata: Metadata) -> dict[str, Any]:
                             "ranks": sorted(ranks_of.get(key, ()))})
         else:
             assert isinstance(md, BytesStorageMetadata)
-            lengths = [info.length for idx, info in metadata.storage_data.items() if idx.fqn == key]
-            entries.append({"key": key, "kind": "object", "dtype": "", "shape": [], "bytes": sum(lengths),
+            entries.append({"key": key, "kind": "object", "dtype": "", "shape": [], "bytes": object_bytes.get(key, 0),
                             "shards": 1, "ranks": sorted(ranks_of.get(key, ()))})
     tensors = [e for e in entries if e["kind"] == "tensor"]
     return {

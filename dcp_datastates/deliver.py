@@ -29,7 +29,8 @@ from torch.distributed._shard._utils import narrow_tensor_by_index
 from torch.distributed.checkpoint._extension import ExtensionRegistry, StreamTransformExtension
 from torch.distributed.checkpoint.planner import LoadPlanner
 
-from dcp_datastates.errors import CheckpointIOError, UnsupportedCheckpointError
+from dcp_datastates.errors import CheckpointIOError, CorruptCheckpointError, UnsupportedCheckpointError
+from dcp_datastates.metadata_check import MAX_TRANSFORM_RATIO
 from dcp_datastates.read_plan import RecordKind, RecordRead
 from dcp_datastates.safe_pickle import check_object_record
 
@@ -58,7 +59,13 @@ def _takes_raw_bytes(target: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def undo_transforms(data: bytes, descriptors: tuple[str, ...], where: str) -> bytes:
-    """Undo a stock ``FileSystemWriter(_extensions=...)`` record's stream transforms, as its reader does."""
+    """Undo a stock ``FileSystemWriter(_extensions=...)`` record's stream transforms, as its reader does.
+
+    The output is bounded as ``validate_metadata`` bounds what a transformed record may
+    hold (:data:`MAX_TRANSFORM_RATIO` per stored byte): a record that inflates past it is
+    damaged, and is refused before it can fill memory.
+    """
+    limit = len(data) * MAX_TRANSFORM_RATIO
     try:
         extensions = ExtensionRegistry().from_descriptor_list(descriptors)
     except Exception as exc:
@@ -74,12 +81,23 @@ def undo_transforms(data: bytes, descriptors: tuple[str, ...], where: str) -> by
                 f"unsupported: extension {extension.get_descriptor()!r} of {where} is not a stream transform"
             )
         stream = extension.transform_from(stream)  # type: ignore[assignment]
+    pieces: list[bytes] = []
+    total = 0
     try:
-        return stream.read()  # type: ignore[no-any-return]
+        while total <= limit:
+            piece = stream.read(min(limit + 1 - total, 64 << 20))
+            if not piece:
+                return b"".join(pieces)
+            pieces.append(piece)
+            total += len(piece)
     except Exception as exc:
         raise CheckpointIOError(
             f"{where}: undoing stream transform {list(descriptors)} failed ({exc}); the checkpoint is damaged"
         ) from exc
+    raise CorruptCheckpointError(
+        f"{where}: its stream transform {list(descriptors)} decodes {len(data)} stored bytes to more than {limit} "
+        f"(at most {MAX_TRANSFORM_RATIO} per stored byte); the checkpoint is damaged"
+    )
 
 
 class RecordDelivery:

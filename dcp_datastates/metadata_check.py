@@ -74,6 +74,10 @@ MAX_BYTES = 1 << 56
 MAX_DIMS = 64
 #: Largest ``.metadata`` read into memory.
 MAX_METADATA_BYTES = 8 << 30
+#: Most bytes one stored byte of a stream-transformed record (stock ``ZStandard``) may decode to:
+#: zstd's own limit is ~32768 (a 128 KiB block of one byte costs 4 bytes), so a record's
+#: ``length`` -- its compressed size -- bounds what it can hold.
+MAX_TRANSFORM_RATIO = 1 << 16
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 #: Our data files: ``__<rank>_<save tag>_<n>.distcp``; the side file is ``__<rank>_<save tag>_checksums.json``.
 _OUR_DATA_FILE = re.compile(r"^(__\d+_[0-9a-f]+_)\d+\.distcp$")
@@ -346,10 +350,13 @@ def validate_metadata(metadata: object, source: str, *, trust: bool = False, bud
             if info is None:
                 raise c.fail(f"the chunk of {fqn!r} at {list(offsets)} has no storage record")
             chunk_numel = math.prod(sizes)
-            if chunk_numel * element > info.length:
+            capacity, compressed = info.length, ""
+            if info.transform_descriptors:  # its length is what the transforms wrote (compressed)
+                capacity, compressed = info.length * MAX_TRANSFORM_RATIO, f" (stream-transformed: at most {info.length * MAX_TRANSFORM_RATIO} decoded)"
+            if chunk_numel * element > capacity:
                 raise c.fail(
                     f"the chunk of {fqn!r} at {list(offsets)} holds {chunk_numel * element} bytes of data but its "
-                    f"record in {info.relative_path} is only {info.length} bytes"
+                    f"record in {info.relative_path} is only {info.length} bytes{compressed}"
                 )
             covered += chunk_numel
         if numel > covered:

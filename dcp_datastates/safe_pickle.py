@@ -5,46 +5,70 @@ one pickle per non-tensor object of the state dict. Stock DCP unpickles both wit
 restriction, so a planted ``__reduce__`` runs arbitrary code at load time. We load
 ``.metadata`` in two steps, both on bytes already in memory:
 
-1. **scan** every opcode (checking each length field against the bytes that remain,
-   so nothing is allocated from a number in the file) and refuse pickles that could crash or stall the real unpickler:
-   tuples nested deeper than :data:`MAX_NESTING` (hashing them recurses in C and
-   overflows the stack), integers outside 64 bits (hash-collision floods), memo indexes
-   beyond the file's size (the C unpickler allocates a memo table that large), and
-   calls that would copy more elements than the file could describe.
+1. **scan** every opcode (``pickle_scan``): nothing is allocated from a number in the
+   file, nothing nests deep enough to crash, no opcode changes an object the pickle did
+   not build (an enum member, a class), no copyreg extension code resolves a name, and
+   every dict key or set member is a string or a ``MetadataIndex`` -- so no hash table can
+   be flooded with colliding keys.
 2. **unpickle** with ``find_class`` resolving only an explicit list of exact
-   ``(module, name)`` pairs. A name with a dot is refused outright: protocol >= 4
-   resolves ``"os.system"`` *relative to* an allowed module, which is how a 100-byte
-   ``.metadata`` could otherwise reach a shell.
+   ``(module, name)`` pairs, and exactly the names the scan resolved, in its order. A name
+   with a dot is refused outright: protocol >= 4 resolves ``"os.system"`` *relative to*
+   an allowed module, which is how a 100-byte ``.metadata`` could otherwise reach a shell.
+   ``MetadataIndex`` resolves to a subclass whose hash is keyed per process; the
+   ``storage_data`` keys are then rebuilt as real ``MetadataIndex`` once their real hashes
+   are known not to pile up on one value.
 
-Every object record is checked with ``torch.load(weights_only=True)`` before any planner
-unpickles it. Trusting a checkpoint's content is an explicit opt-in
-(``trust_checkpoint=True`` / ``--trust``), which restores stock behaviour.
+Every object record is scanned the same way (names resolve as torch's weights-only
+loader resolves them; colliding keys are counted, since user data has int-keyed dicts)
+and then checked with ``torch.load(weights_only=True)`` before any planner unpickles it.
+Trusting a checkpoint's content is an explicit opt-in (``trust_checkpoint=True`` /
+``--trust``), which restores stock behaviour.
 """
 
 from __future__ import annotations
 
+import _codecs
 import io
 import os
 import pickle
+import secrets
 import zipfile
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from enum import Enum
-from collections import OrderedDict
 from typing import IO, Any
 
 import torch
+from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 
 from dcp_datastates.errors import ChecksumMismatchError, CorruptCheckpointError, UnsafeCheckpointError
-
-#: Deepest nesting of containers a ``.metadata`` may build (real ones stay below 15).
-MAX_NESTING = 100
-#: Elements the unpickler may copy in calls (``tuple(x)``, ``BUILD``), per byte of pickle.
-_COPY_BUDGET_PER_BYTE = 8
-
-_TRUST_HINT = (
-    "If you trust where this checkpoint came from, load it with DataStatesReader(path, trust_checkpoint=True) "
-    "(CLI: --trust)."
+from dcp_datastates.pickle_scan import (
+    ARGS_ELEMENTS,
+    ARGS_MAPPING,
+    DICT,
+    FRESH,
+    H_ID,
+    H_NONE,
+    H_OPAQUE,
+    INDEX,
+    LEAF,
+    LIST,
+    MAX_NESTING,
+    SET,
+    SHARED,
+    STR,
+    TRUST_HINT,
+    TUPLE,
+    UNHASHABLE,
+    Callee,
+    ScanPolicy,
+    scan_pickle,
 )
+
+_TRUST_HINT = TRUST_HINT
+#: Distinct ``storage_data`` keys that may share one real hash value (honest checkpoints: 1).
+MAX_SHARED_INDEX_HASH = 8
+__all__ = ["MAX_NESTING", "check_object_record", "load_metadata", "load_metadata_bytes", "scan_pickle"]
 
 
 def _path_as_str(*parts: object) -> str:
@@ -71,14 +95,36 @@ def _enum_lookup(kind: type[Enum]) -> Callable[[object], Enum]:
     return lookup
 
 
+#: Keys ``_KeyedIndex`` hashes with: secret, so the hash cannot be computed outside this process.
+_INDEX_KEY = secrets.token_hex(16)
+
+
+class _KeyedIndex(MetadataIndex):
+    """``MetadataIndex`` while a ``.metadata`` is unpickled: hashed with a per-process secret.
+
+    DCP's own hash is ``hash((fqn, offset))``, which a file can make collide at will (same
+    fqn, offsets with equal tuple hashes), turning ``storage_data`` into a quadratic table
+    inside the unpickler. Never escapes a load: ``storage_data`` keys are rebuilt as real
+    ``MetadataIndex``, and ``validate_metadata`` refuses this type anywhere else.
+    """
+
+    def __hash__(self) -> int:
+        state = self.__dict__
+        fqn, offset = state.get("fqn"), state.get("offset")
+        if type(fqn) is not str or not (offset is None or type(offset) is torch.Size):
+            raise TypeError("a storage_data key that is not a state-dict key with a torch.Size offset")
+        return hash(f"{_INDEX_KEY}\0{fqn}\0{'' if offset is None else ','.join(map(str, offset))}")
+
+
 def _allowed() -> dict[tuple[str, str], Any]:
     """Every global a ``.metadata`` of DCP (ours or stock) may name, as exact pairs."""
     from torch.distributed.checkpoint import filesystem, metadata, planner
 
     allowed: dict[tuple[str, str], Any] = {}
-    for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
+    for name in ("Metadata", "StorageMeta", "TensorStorageMetadata", "BytesStorageMetadata",
                  "ChunkStorageMetadata", "TensorProperties"):
         allowed["torch.distributed.checkpoint.metadata", name] = getattr(metadata, name)
+    allowed["torch.distributed.checkpoint.metadata", "MetadataIndex"] = _KeyedIndex
     allowed["torch.distributed.checkpoint.metadata", "_MEM_FORMAT_ENCODING"] = _enum_lookup(metadata._MEM_FORMAT_ENCODING)
     allowed["torch.distributed.checkpoint.filesystem", "_StorageInfo"] = filesystem._StorageInfo
     for name in ("WriteItemType", "LoadItemType"):
@@ -96,24 +142,68 @@ def _allowed() -> dict[tuple[str, str], Any]:
     return allowed
 
 
+def _metadata_callee(name: str, target: Any) -> Callee:
+    """What the scan must know of an allowlisted ``.metadata`` global (see ``pickle_scan.Callee``)."""
+    if target is _KeyedIndex:
+        return Callee(name, call=INDEX, new=INDEX)
+    if isinstance(target, type) and target.__module__.startswith("torch.distributed.checkpoint."):
+        return Callee(name, call=FRESH, new=FRESH)  # DCP's dataclasses: always a new instance
+    if target in (OrderedDict, dict):
+        return Callee(name, call=FRESH, new=FRESH, args=ARGS_MAPPING)
+    if target is set:
+        return Callee(name, call=SET, new=SET, args=ARGS_ELEMENTS)
+    if target is frozenset:
+        return Callee(name, call=TUPLE, new=TUPLE, args=ARGS_ELEMENTS)
+    if target is list:
+        return Callee(name, call=LIST, new=LIST)
+    if target in (tuple, torch.Size):
+        return Callee(name, call=TUPLE, new=TUPLE)
+    if target in (complex, slice):
+        return Callee(name, call=LEAF, new=LEAF)
+    if target is _path_as_str:
+        return Callee(name, call=STR, new=SHARED)
+    return Callee(name)  # enum lookups, layouts, dtypes: shared objects
+
+
 _ALLOWED: dict[tuple[str, str], Any] | None = None
+_METADATA_CALLEES: dict[tuple[str, str], Callee] = {}
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], source: str) -> None:
-        super().__init__(file)
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
+def _metadata_resolve(source: str) -> Callable[[str, str], Callee]:
+    def resolve(module: str, name: str) -> Callee:
         global _ALLOWED
         if _ALLOWED is None:
             _ALLOWED = _allowed()
-        target = _ALLOWED.get((module, name)) if "." not in name else None
+        callee = _METADATA_CALLEES.get((module, name))
+        if callee is None:
+            target = _ALLOWED.get((module, name)) if "." not in name else None
+            if target is None:
+                raise _not_metadata_type(source, module, name)
+            callee = _METADATA_CALLEES[module, name] = _metadata_callee(f"{module}.{name}", target)
+        return callee
+
+    return resolve
+
+
+def _not_metadata_type(source: str, module: str, name: str) -> UnsafeCheckpointError:
+    return UnsafeCheckpointError(
+        f"{source} refers to {module}.{name}, which is not a DCP metadata type; refusing to unpickle "
+        f"it (it could run code). {_TRUST_HINT}"
+    )
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file: IO[bytes], source: str, names: list[tuple[str, str]]) -> None:
+        super().__init__(file)
+        self.source = source
+        self.names = iter(names)
+
+    def find_class(self, module: str, name: str) -> Any:
+        if next(self.names, None) != (module, name):  # the scan and the unpickler must read the same program
+            raise _corrupt(self.source, f"its pickle names {module}.{name} where the scan read another name")
+        target = _ALLOWED.get((module, name)) if _ALLOWED is not None and "." not in name else None
         if target is None:
-            raise UnsafeCheckpointError(
-                f"{self.source} refers to {module}.{name}, which is not a DCP metadata type; refusing to unpickle "
-                f"it (it could run code). {_TRUST_HINT}"
-            )
+            raise _not_metadata_type(self.source, module, name)
         return target
 
     def persistent_load(self, pid: Any) -> Any:
@@ -126,215 +216,36 @@ def _corrupt(source: str, what: str) -> CorruptCheckpointError:
     )
 
 
-# Opcode argument shapes (pickle protocols 0-5), for the scanner below.
-_FIXED = {ord(c): n for c, n in [("J", 4), ("K", 1), ("M", 2), ("h", 1), ("j", 4), ("q", 1), ("r", 4),
-                                 ("\x82", 1), ("\x83", 2), ("\x84", 4), ("\x80", 1), ("\x95", 8), ("G", 8)]}
-_COUNTED = {ord(c): (n, signed) for c, n, signed in [
-    ("U", 1, False), ("C", 1, False), ("\x8c", 1, False), ("\x8a", 1, False),
-    ("T", 4, True), ("B", 4, False), ("X", 4, False), ("\x8b", 4, True),
-    ("\x8e", 8, False), ("\x8d", 8, False), ("\x96", 8, False)]}
-_LINES = {ord(c): n for c, n in [("I", 1), ("L", 1), ("S", 1), ("V", 1), ("F", 1), ("g", 1), ("p", 1), ("P", 1),
-                                 ("c", 2), ("i", 2)]}
-_SCALARS = {ord(c) for c in "JKMIL\x8a\x8bSTUBC\x8e\x96\x97NV\x88\x89\x8cX\x8dFGc\x82\x83\x84P"}
-_EMPTY = {ord(c) for c in "]}\x8f)"}
-_TUPLE_N = {0x85: 1, 0x86: 2, 0x87: 3}
-_LEAF = (0, 0, 0)  # immutable values share one cell; containers get their own (mutable) cell
-_LEAF_TUPLE = (1, 0, 0)
-_ARG_KIND = [1 if op in _FIXED else 2 if op in _COUNTED else 3 if op in _LINES else 0 for op in range(256)]
-_IS_SCALAR = [op in _SCALARS for op in range(256)]
+def _real_storage_keys(metadata: Any, source: str) -> None:
+    """Replace ``_KeyedIndex`` keys of ``storage_data`` by real ``MetadataIndex``, refusing piled-up hashes.
 
-
-def scan_pickle(data: bytes, source: str, *, int_limit: bool = True) -> None:
-    """Refuse a pickle the C unpickler could crash, stall or exhaust memory on (see the module docstring).
-
-    A stack machine over the opcodes tracks, per value, ``[nesting, length, inner]``: its
-    container depth, its direct element count and its elements' element counts (what a
-    call like ``tuple(x)`` copies). Mutable containers share their cell through the memo,
-    as the objects do. Linear in the pickle's size, and checks every length field against
-    the bytes that remain -- nothing is allocated from a number in the file.
+    The real hash is attacker-computable, so the new dict is filled only once no more than
+    :data:`MAX_SHARED_INDEX_HASH` keys are known to share a hash value (linear either way).
     """
-    n = len(data)
-    budget = _COPY_BUDGET_PER_BYTE * n + 4096
-    stack: list[list[int]] = []
-    marks: list[list[list[int]]] = []
-    memo: dict[int, list[int]] = {}
-    i = pos = 0
-
-    def fail(what: str) -> CorruptCheckpointError:
-        return _corrupt(source, f"{what} (byte {pos})")
-
-    def deep(depth: int) -> int:
-        if depth > MAX_NESTING:
-            raise fail(f"it nests containers more than {MAX_NESTING} levels deep")
-        return depth
-
-    def pop_mark() -> list[list[int]]:
-        nonlocal stack
-        if not marks:
-            raise fail("its pickle is malformed: no mark to pop to")
-        items, stack = stack, marks.pop()
-        return items
-
-    def check_int(value: int) -> None:
-        if int_limit and not -(2**63) <= value < 2**63:
-            raise fail("an integer does not fit in 64 bits")
-
-    try:
-        while True:
-            if i >= n:
-                raise fail("its pickle ends before its STOP opcode (truncated?)")
-            op = data[i]
-            # the four most frequent opcodes of DCP metadata, without the general machinery
-            if op == 0x94:  # MEMOIZE
-                memo[len(memo)] = stack[-1]
-                i += 1
-                continue
-            if op == 0x68:  # BINGET
-                stack.append(memo[data[i + 1]])
-                i += 2
-                continue
-            if op == 0x8C:  # SHORT_BINUNICODE
-                i += 2 + data[i + 1]
-                if i > n:
-                    pos = i
-                    raise fail("its pickle is truncated inside a string")
-                stack.append(_LEAF)
-                continue
-            if op == 0x29:  # EMPTY_TUPLE
-                stack.append(_LEAF_TUPLE)
-                i += 1
-                continue
-            pos = i
-            i += 1
-            kind = _ARG_KIND[op]
-            if kind == 0:
-                if op == 0x94:  # MEMOIZE: the most frequent opcode by far
-                    memo[len(memo)] = stack[-1]
-                    continue
-            elif kind == 1:
-                width = _FIXED[op]
-                if i + width > n:
-                    raise fail("its pickle is truncated inside an opcode")
-                if width == 1:
-                    arg = data[i]
-                else:
-                    arg = int.from_bytes(data[i : i + width], "little", signed=op == 0x4A or op == 0x84)
-                i += width
-                if op == 0x68 or op == 0x6A:  # BINGET, LONG_BINGET
-                    stack.append(memo[arg])
-                    continue
-            elif kind == 2:
-                width, signed = _COUNTED[op]
-                if i + width > n:
-                    raise fail("its pickle is truncated inside a length field")
-                length = data[i] if width == 1 else int.from_bytes(data[i : i + width], "little", signed=signed)
-                i += width
-                if length < 0 or length > n - i:
-                    raise fail(f"a length field claims {length} bytes but only {n - i} remain (truncated?)")
-                if op == 0x8A or op == 0x8B:
-                    check_int(int.from_bytes(data[i : i + length], "little", signed=True) if length <= 9 else 2**64)
-                i += length
-                stack.append(_LEAF)  # every counted opcode pushes a string, bytes or int
-                continue
-            else:
-                start = i
-                for _ in range(_LINES[op]):
-                    end = data.find(b"\n", i)
-                    if end < 0:
-                        raise fail("its pickle is truncated inside a text argument")
-                    i = end + 1
-                if op in (0x49, 0x4C, 0x67, 0x70):  # INT, LONG, GET, PUT
-                    text = data[start : i - 1].rstrip(b"L")
-                    if text in (b"00", b"01"):
-                        text = text[1:]
-                    arg = int(text) if len(text) < 40 or not int_limit else 2**64
-                    if op in (0x49, 0x4C):
-                        check_int(arg)
-
-            if _IS_SCALAR[op]:
-                stack.append(_LEAF)
-            elif op == 0x67:  # GET
-                stack.append(memo[arg])
-            elif op == 0x71 or op == 0x72 or op == 0x70:  # BINPUT, LONG_BINPUT, PUT
-                if not 0 <= arg <= i:
-                    raise fail(f"memo index {arg} is beyond anything the file could store")
-                memo[arg] = stack[-1]
-            elif op in _EMPTY:
-                stack.append([1, 0, 0])
-            elif op == 0x28:  # MARK
-                marks.append(stack)
-                stack = []
-            elif op in _TUPLE_N:
-                k = _TUPLE_N[op]
-                if len(stack) < k:
-                    raise fail("its pickle is malformed: stack underflow")
-                items = stack[-k:]
-                del stack[-k:]
-                stack.append([deep(1 + max(c[0] for c in items)), k, sum(c[1] for c in items)])
-            elif op in (0x74, 0x6C, 0x64, 0x91):  # TUPLE, LIST, DICT, FROZENSET
-                items = pop_mark()
-                stack.append([deep(1 + max((c[0] for c in items), default=0)), len(items), sum(c[1] for c in items)])
-            elif op in (0x65, 0x75, 0x90, 0x61, 0x73):  # APPENDS, SETITEMS, ADDITEMS, APPEND, SETITEM
-                if op == 0x61:
-                    items = [stack.pop()]
-                elif op == 0x73:
-                    items = [stack.pop(), stack.pop()]
-                else:
-                    items = pop_mark()
-                cell = stack[-1]
-                cell[0] = deep(max([cell[0]] + [c[0] + 1 for c in items]))
-                cell[1] += len(items)
-                cell[2] += sum(c[1] for c in items)
-            elif op in (0x52, 0x81):  # REDUCE, NEWOBJ
-                args = stack.pop()
-                stack.pop()
-                budget -= args[2]
-                # only a fresh instance (NEWOBJ) may receive BUILD: a call may return a shared object
-                # (an enum member, a layout), and BUILD on it would rewrite process-wide state
-                stack.append([deep(args[0] + 1), 0, 0, op == 0x81])
-            elif op == 0x62:  # BUILD
-                state = stack.pop()
-                budget -= state[1] + state[2]
-                cell = stack[-1]
-                if len(cell) < 4 or not cell[3]:
-                    raise fail("it sets the state of an object it did not create (BUILD on a shared object)")
-                cell[0] = deep(max(cell[0], state[0] + 1))
-            elif op == 0x93:  # STACK_GLOBAL
-                stack.pop()
-                stack[-1] = _LEAF
-            elif op == 0x92:  # NEWOBJ_EX
-                kwargs, args = stack.pop(), stack.pop()
-                stack.pop()
-                budget -= args[2] + kwargs[1] + kwargs[2]
-                stack.append([deep(max(args[0], kwargs[0]) + 1), 0, 0, True])
-            elif op in (0x6F, 0x69):  # OBJ, INST
-                items = pop_mark()
-                budget -= sum(c[1] for c in items)
-                stack.append([deep(1 + max((c[0] for c in items), default=0)), 0, 0, True])
-            elif op == 0x30:  # POP
-                if stack:
-                    stack.pop()
-                else:
-                    pop_mark()
-            elif op == 0x31:  # POP_MARK
-                pop_mark()
-            elif op == 0x32:  # DUP
-                stack.append(stack[-1])
-            elif op == 0x51:  # BINPERSID
-                stack[-1] = _LEAF
-            elif op in (0x80, 0x95, 0x98):  # PROTO, FRAME, READONLY_BUFFER
-                pass
-            elif op == 0x2E:  # STOP
-                stack.pop()
-                return
-            else:
-                raise fail(f"its pickle holds an unknown opcode 0x{op:02x}")
-            if budget < 0:
-                raise fail(f"it asks the unpickler to copy more elements than its {n} bytes describe")
-    except CorruptCheckpointError:
-        raise
-    except (IndexError, KeyError, ValueError, TypeError) as exc:  # TypeError: a value used as a container
-        raise fail(f"its pickle is malformed ({type(exc).__name__})") from exc
+    if type(metadata) is not Metadata:
+        return
+    state = metadata.__dict__
+    storage = state.get("storage_data")
+    if type(storage) is not dict:
+        return
+    real_keys = []
+    counts: dict[int, int] = {}
+    for key in storage:
+        if type(key) is _KeyedIndex:
+            real = MetadataIndex.__new__(MetadataIndex)
+            real.__dict__.update(key.__dict__)  # the same fields, checked by validate_metadata as they are
+            try:  # BUILD may have changed the key after it was inserted: hash only what _KeyedIndex admits
+                _KeyedIndex.__hash__(real)
+            except TypeError:
+                raise _corrupt(source, "a storage_data key is not a state-dict key with a torch.Size offset") from None
+            h = hash(real)
+            counts[h] = counts.get(h, 0) + 1
+            if counts[h] > MAX_SHARED_INDEX_HASH:
+                raise _corrupt(source, f"more than {MAX_SHARED_INDEX_HASH} storage_data keys share one hash value "
+                                       "(a hash-flooding attempt)")
+            key = real
+        real_keys.append(key)
+    state["storage_data"] = dict(zip(real_keys, storage.values()))
 
 
 def load_metadata_bytes(data: bytes, source: str, trust: bool) -> Any:
@@ -342,14 +253,15 @@ def load_metadata_bytes(data: bytes, source: str, trust: bool) -> Any:
 
     With ``trust`` it is stock DCP's plain ``pickle.loads``. Without, the pickle is first
     scanned, then unpickled with the exact allowlist; any failure of the bytes becomes a
-    :class:`CorruptCheckpointError` (or :class:`UnsafeCheckpointError` for a forbidden name).
+    :class:`CorruptCheckpointError` (or :class:`UnsafeCheckpointError` for what safe
+    loading refuses but a trusted load would accept).
     """
     if trust:
         return pickle.loads(data)
-    scan_pickle(data, source)
+    names = scan_pickle(data, source, ScanPolicy(_metadata_resolve(source), string_keys=True, int_limit=True))
     try:
-        return _MetadataUnpickler(io.BytesIO(data), source).load()
-    except UnsafeCheckpointError:
+        metadata = _MetadataUnpickler(io.BytesIO(data), source, names).load()
+    except (UnsafeCheckpointError, CorruptCheckpointError):
         raise
     except MemoryError as exc:  # a length field claiming more than memory holds: the file cannot be whole
         raise _corrupt(source, "a length inside it claims more bytes than the file holds (truncated?)") from exc
@@ -358,6 +270,8 @@ def load_metadata_bytes(data: bytes, source: str, trust: bool) -> Any:
     except Exception as exc:  # noqa: BLE001 - whatever the damaged bytes provoke, the answer is one typed error
         detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise _corrupt(source, f"unpickling failed ({type(exc).__name__}: {detail[:200]})") from exc
+    _real_storage_keys(metadata, source)
+    return metadata
 
 
 def load_metadata(stream: IO[bytes], trust: bool, source: str = ".metadata") -> Any:
@@ -418,14 +332,21 @@ _PLAIN_DATA_GLOBALS: list[Any] = [_bytes_from_data, frozenset, io.BytesIO]
 def check_object_record(payload: bytes | memoryview, key: str, relative_path: str, offset: int) -> None:
     """Raise unless the object record is a sound ``torch.save`` archive that ``torch.load(weights_only=True)`` accepts.
 
-    Its pickle is scanned first (as ``.metadata`` is, bar the 64-bit integer limit: user
-    objects may hold big integers), so it cannot crash or stall the unpickler either.
+    Its pickle is scanned first (as ``.metadata`` is, names resolving as torch's weights-only
+    loader resolves them, colliding keys counted rather than refused, integers unbounded: user
+    objects may hold big integers and int-keyed dicts), so it cannot crash or stall the
+    unpickler, nor change an object it did not build.
     """
     where = f"object {key!r} ({relative_path} at offset {offset}, {len(payload)} bytes)"
-    scan_pickle(_object_pickle(payload, where), where, int_limit=False)
+    with torch.serialization.safe_globals(_PLAIN_DATA_GLOBALS):
+        policy = ScanPolicy(_torch_resolve(where), string_keys=False, int_limit=False)
+        scan_pickle(_object_pickle(payload, where), where, policy)
+        _load_weights_only(payload, key, relative_path, offset, where)
+
+
+def _load_weights_only(payload: bytes | memoryview, key: str, relative_path: str, offset: int, where: str) -> None:
     try:
-        with torch.serialization.safe_globals(_PLAIN_DATA_GLOBALS):
-            torch.load(io.BytesIO(payload), weights_only=True)
+        torch.load(io.BytesIO(payload), weights_only=True)
     except pickle.UnpicklingError as exc:
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsafeCheckpointError(
@@ -437,3 +358,79 @@ def check_object_record(payload: bytes | memoryview, key: str, relative_path: st
         raise CorruptCheckpointError(
             f"{where} cannot be decoded ({type(exc).__name__}: {detail[:200]}); the checkpoint is damaged"
         ) from exc
+
+
+# -- object records: names as torch's weights-only loader resolves them ----------------------------
+def _hashable(value: object) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _tuple_of(items: object = ()) -> tuple:
+    if type(items) is not tuple:
+        raise TypeError("not a tuple")
+    return items
+
+
+def _object_callee(name: str, target: Any) -> Callee:
+    """What the scan must know of a global that ``torch.load(weights_only=True)`` admits."""
+    from torch import _weights_only_unpickler as weights_only
+
+    value = target if _hashable(target) else UNHASHABLE
+    if target in weights_only._tensor_rebuild_functions() or target is torch._tensor._rebuild_from_type_v2:
+        return Callee(name, call=FRESH, hashes=H_ID, value=value)  # a new tensor (identity-hashed)
+    if isinstance(target, type):
+        if issubclass(target, Enum):  # calling it, or NEWOBJ of it, returns an existing member
+            return Callee(name, hashes=H_ID, value=value)
+        if target in (OrderedDict, Counter, dict):
+            return Callee(name, call=FRESH, new=FRESH, args=ARGS_MAPPING, hashes=H_NONE, value=value)
+        if target is set:
+            return Callee(name, call=SET, new=SET, args=ARGS_ELEMENTS, value=value)
+        if target is frozenset:
+            return Callee(name, call=TUPLE, new=TUPLE, args=ARGS_ELEMENTS, value=value, model=frozenset)
+        if target is complex:
+            return Callee(name, call=LEAF, new=LEAF, value=value, model=complex)
+        if target in (tuple, torch.Size):  # torch.Size hashes as the tuple of its sizes
+            return Callee(name, call=TUPLE, new=TUPLE, value=value, model=_tuple_of)
+        if target is torch.device:
+            return Callee(name, call=LEAF, new=LEAF, value=value, model=torch.device)
+        if target.__hash__ is None:
+            hashes = H_NONE
+        elif target.__hash__ is object.__hash__ or issubclass(target, torch.Tensor):
+            hashes = H_ID
+        else:
+            hashes = H_OPAQUE  # a class with its own __hash__ (a user's safe global): counted, not modelled
+        return Callee(name, call=FRESH, new=FRESH, hashes=hashes, value=value)
+    if target is _codecs.encode or target is _bytes_from_data:
+        return Callee(name, call=STR, value=value)
+    return Callee(name, value=value)  # other functions, dtypes and the like: what they return may be shared
+
+
+def _torch_resolve(where: str) -> Callable[[str, str], Callee]:
+    """Resolve a name as ``torch._weights_only_unpickler`` does (call inside its ``safe_globals`` context)."""
+    from torch import _weights_only_unpickler as weights_only
+    from torch._utils import IMPORT_MAPPING, NAME_MAPPING
+
+    admitted = {**weights_only._get_user_allowed_globals(), **weights_only._get_allowed_globals()}
+    cache: dict[str, Callee] = {}
+
+    def resolve(module: str, name: str) -> Callee:
+        if (module, name) in NAME_MAPPING:
+            module, name = NAME_MAPPING[module, name]
+        elif module in IMPORT_MAPPING:
+            module = IMPORT_MAPPING[module]
+        full = f"{module}.{name}"
+        callee = cache.get(full)
+        if callee is None:
+            if module in weights_only._blocklisted_modules or full not in admitted:
+                raise UnsafeCheckpointError(
+                    f"{where} is a pickle that safe loading refuses: it refers to {full}, which "
+                    f"torch.load(weights_only=True) does not admit (it could run code). {_TRUST_HINT}"
+                )
+            callee = cache[full] = _object_callee(full, admitted[full])
+        return callee
+
+    return resolve

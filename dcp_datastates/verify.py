@@ -17,6 +17,7 @@ or altered checksum file, an altered ``.metadata`` or seal).
 from __future__ import annotations
 
 import errno
+import heapq
 import mmap
 import os
 import stat
@@ -26,7 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dcp_datastates.checksums import FileChecksums, keys_overlapping
+from dcp_datastates.checksums import FileChecksums
 from dcp_datastates.errors import CorruptCheckpointError
 from dcp_datastates.integrity import IntegrityPolicy
 from dcp_datastates.metadata_check import (
@@ -126,6 +127,28 @@ def _verify_file(path: Path, checksums: FileChecksums, progress: Callable[[int],
     return bad
 
 
+def _keys_of_ranges(records: list[tuple[int, int, str]], ranges: list[tuple[int, int]]) -> list[list[str]]:
+    """For each ``[start, end)`` of ``ranges`` (ascending), the keys of the ``(offset, length, key)`` records it touches.
+
+    One sweep over records sorted by offset, keeping those still open in a heap by end:
+    linear in records and ranges (plus the keys reported), where asking each bad block
+    about every record was quadratic for a file of many small records.
+    """
+    ordered = sorted(records)
+    open_records: list[tuple[int, str]] = []
+    out: list[list[str]] = []
+    j = 0
+    for start, end in ranges:
+        while j < len(ordered) and ordered[j][0] < end:
+            offset, length, key = ordered[j]
+            heapq.heappush(open_records, (offset + length, key))
+            j += 1
+        while open_records and open_records[0][0] <= start:
+            heapq.heappop(open_records)
+        out.append(sorted({key for _, key in open_records}))
+    return out
+
+
 def planned_bytes(path: str | os.PathLike, *, trust: bool = False, policy: IntegrityPolicy | None = None) -> int:
     """Bytes ``verify_checkpoint`` will hash (for a progress bar); 0 if they cannot be known yet."""
     try:
@@ -176,11 +199,9 @@ def verify_checkpoint(
         except CorruptCheckpointError as exc:  # swapped for a link or FIFO after the checks
             report.problems.append(Corruption(name, 0, expected.size, sorted({k for _, _, k in records}), str(exc)))
             continue
-        for offset in bad_offsets:
-            length = max(0, min(expected.block_bytes, expected.size - offset))
-            report.problems.append(
-                Corruption(name, offset, length, keys_overlapping(records, offset, offset + max(length, 1)), "checksum mismatch")
-            )
+        bad = [(offset, max(0, min(expected.block_bytes, expected.size - offset))) for offset in bad_offsets]
+        for (offset, length), keys in zip(bad, _keys_of_ranges(records, [(o, o + max(n, 1)) for o, n in bad])):
+            report.problems.append(Corruption(name, offset, length, keys, "checksum mismatch"))
         report.files_verified += 1
         report.bytes_verified += expected.size
     report.seconds = time.perf_counter() - start

@@ -14,6 +14,14 @@ from it). For every example:
 - no path outside the checkpoint directory is opened (audit hook on ``open``), apart from
   Python's own module files.
 
+Two generators aim at the unpickler itself (``hostile_pickles``): programs that reach a shared
+object (an enum member, a class, a layout, a dtype; through GLOBAL, STACK_GLOBAL, the memo, OBJ,
+INST, REDUCE, NEWOBJ, NEWOBJ_EX) and rewrite it (BUILD, SETITEM(S), APPEND(S), ADDITEMS), or
+call a registered copyreg extension (EXT1/2/4), in ``.metadata`` and in object records; and
+dicts and sets of keys with equal hashes (complex, int pairs, floats, ``torch.Size``, nested
+tuples, frozensets, ``MetadataIndex`` offsets). Each must be one of our errors, and the
+process state (DCP's enums, torch's dtypes, copyreg's registry, ``sys.modules``) unchanged.
+
 Counters of outcomes per mutation kind are asserted at the end and printed (``-s``) for the
 README's reliability table. Derandomized, so CI runs the same examples every time.
 """
@@ -40,6 +48,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 import dcp_datastates
 import dcp_datastates.kernels
+import hostile_pickles as hp
 from conftest import small_config
 from dcp_datastates import DataStatesError, DataStatesReader, DataStatesWriter
 from dcp_datastates.cli import load_full_state
@@ -260,11 +269,10 @@ def test_fuzz_checksum_json(originals, tmp_path, data):
         document = json.loads(text)
         entry = data.draw(st.sampled_from(sorted(document["files"])))
         field = data.draw(st.sampled_from(["size", "block_bytes"]))
-        value = data.draw(st.sampled_from(
-            [-4096, -1, 0, 1, 3000, 4096, 8192, 2**20, 2**62, 2**64, 1e300, "8192", None, [], {}]))
-        was = document["files"][entry][field]
-        assume(not (type(was) is type(value) and was == value))  # the value it had: the file is unchanged
-        document["files"][entry][field] = value
+        values = [-4096, -1, 0, 1, 3000, 4096, 8192, 2**20, 2**62, 2**64, 1e300, "8192", None, [], {}]
+        current = document["files"][entry][field]  # never the value it has: that would change nothing
+        document["files"][entry][field] = data.draw(st.sampled_from(
+            [v for v in values if not (type(v) is type(current) and v == current)]))
         side.write_text(json.dumps(document))
     elif how == "drop-key":
         document = json.loads(text)
@@ -309,6 +317,76 @@ def test_fuzz_data_bytes(originals, tmp_path, data):
     assert outcome != "exact", "a changed data byte loaded silently"
 
 
+# -- hostile opcodes and hash collisions --------------------------------------------------------------
+@pytest.fixture(scope="module")
+def warmed(originals, tmp_path_factory) -> None:
+    """One honest load of each kind first: the imports a first load makes are no change of process state."""
+    work = fresh_copy(originals["sealed"], tmp_path_factory.mktemp("warm"))
+    for rebuild in (False, True):
+        _load(work, rebuild)
+    hp.put_object_record(work, "step", hp.object_record(hp.whole(hp.fragment(42, 2), 2)))
+    assert _load(work, rebuild=False)["step"] == 42
+
+
+def check_hostile(kind: str, work: Path, rebuild: bool) -> None:
+    before = hp.process_state()
+    outcome = check_load(kind, work, rebuild)
+    assert outcome in ("CorruptCheckpointError", "UnsafeCheckpointError"), f"{kind}: {outcome}"
+    assert hp.process_state() == before, f"{kind}: the load changed process state"
+
+
+@given(data=st.data())
+@settings(FUZZ, max_examples=40)
+def test_fuzz_hostile_opcodes(originals, warmed, tmp_path, data):
+    work = fresh_copy(originals["sealed"], tmp_path / "x")
+    command = f"touch {work.parent / 'marker'}"
+    target = data.draw(st.sampled_from([".metadata", "object record"]))
+    routes = hp.shared_routes() if target == ".metadata" else hp.object_record_routes()
+    route = data.draw(st.sampled_from(sorted(routes) + sorted(hp.EXT_CODES)))
+    if target == ".metadata":
+        real = hp.frameless(pickle.loads((work / ".metadata").read_bytes()))
+        if route in hp.EXT_CODES:
+            how, hostile = route, real[:2] + hp.ext_call(route, command) + real[2:]
+        else:
+            how = data.draw(st.sampled_from(sorted(hp.mutations())))
+            hostile = hp.hostile_metadata(real, route, how)
+        (work / ".metadata").write_bytes(hostile)
+    else:
+        if route in hp.EXT_CODES:
+            how, program = route, hp.ext_call(route, command) + b"N"
+        else:
+            how = data.draw(st.sampled_from(hp.OBJECT_RECORD_MUTATIONS))
+            program = routes[route] + hp.mutations(hp.xstr)[how]
+        hp.put_object_record(work, "step", hp.object_record(hp.whole(program, 2)))
+    with hp.registered_extension(), torch.serialization.safe_globals([hp.Shade]):
+        check_hostile(f"opcodes:{target}:{how}", work, rebuild=data.draw(st.booleans()))
+
+
+@given(data=st.data())
+@settings(FUZZ, max_examples=30)
+def test_fuzz_hash_collisions(originals, warmed, tmp_path, data):
+    work = fresh_copy(originals["sealed"], tmp_path / "x")
+    where = data.draw(st.sampled_from(["planner_data", "a Metadata field", "storage_data", "object record"]))
+    kind = data.draw(st.sampled_from(sorted(hp.COLLIDING)))
+    items = hp.COLLIDING[kind](data.draw(st.integers(17, 400)))
+    as_set = data.draw(st.booleans())
+    if where == "object record":
+        program = hp.set_by_call(items) if as_set else hp.dict_of(items, 2)
+        hp.put_object_record(work, "step", hp.object_record(hp.whole(program, 2)))
+    elif where == "storage_data":
+        kind = "MetadataIndex offsets"
+        (work / ".metadata").write_bytes(hp.colliding_storage_metadata(len(items)))
+    else:
+        metadata = pickle.loads((work / ".metadata").read_bytes())
+        flood = hp._Members(items) if as_set else hp._Pairs([(k, None) for k in items])
+        if where == "planner_data":
+            metadata.planner_data["flood"] = flood
+        else:
+            metadata.flood = flood
+        (work / ".metadata").write_bytes(hp.metadata_pickle(metadata))
+    check_hostile(f"collisions:{where}:{kind}", work, rebuild=data.draw(st.booleans()))
+
+
 # -- the counters --------------------------------------------------------------------------------
 def test_fuzz_counters_add_up():
     """Runs after the fuzz tests in this module (pytest keeps file order): every kind ran and was judged."""
@@ -321,7 +399,10 @@ def test_fuzz_counters_add_up():
         assert counter["max_seconds_x1000"] < TIME_LIMIT_S * 1000
     print("\nfuzz outcomes:", json.dumps({k: dict(v) for k, v in sorted(COUNTS.items())}, indent=1))
     print("fuzz totals:", dict(totals))
-    assert totals == {"metadata": 300, "checksums": 120, "data": 120}, totals
+    assert totals == {"metadata": 300, "checksums": 120, "data": 120, "opcodes": 40, "collisions": 30}, totals
+    for kind, counter in COUNTS.items():  # every hostile program and every flood: one of our errors
+        if kind.startswith(("opcodes:", "collisions:")):
+            assert set(counter) <= {"CorruptCheckpointError", "UnsafeCheckpointError", "max_seconds_x1000"}, (kind, counter)
     hostile = COUNTS["metadata:hostile-global"]
     assert hostile["UnsafeCheckpointError"] == 50 and set(hostile) == {"UnsafeCheckpointError", "max_seconds_x1000"}
     data_errors = sum(v for kind, c in COUNTS.items() if kind.startswith("data:") for k, v in c.items()
