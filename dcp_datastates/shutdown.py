@@ -144,11 +144,20 @@ class InFlightSave:
         except OSError:
             return []
         for entry in entries:
-            if pattern.match(entry.name) and entry.is_file(follow_symlinks=False):
+            # A regular file with one name only: we never create hard links, so a second name means the
+            # entry is not only ours (planted over our name) and unlinking it is not our call.
+            if pattern.match(entry.name) and entry.is_file(follow_symlinks=False) and _single_link(entry):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed.append(entry.name)
         return removed
+
+
+def _single_link(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.stat(follow_symlinks=False).st_nlink == 1
+    except FileNotFoundError:
+        return False
 
 
 def begin_save(directory: Path, tag: str, rank: int, *, coordinator: bool, background: bool) -> InFlightSave:

@@ -10,9 +10,8 @@ in an HTML comment right above its fence (see CONTRIBUTING.md, "Docs snippets"):
 * ``<!-- test: skip: REASON -->`` -- not run (installs system packages, is the test suite
   itself); reported as skipped with its reason.
 
-README.md's blocks carry no such comments yet (it is rewritten separately): ``README_PENDING``
-gives each of them its escape, keyed by the block's first line, until the comments move into
-the README. An entry that no longer matches an unannotated block fails the test.
+A README command block without such a comment fails: every command a user is told to type is
+either run here or names the test that runs it.
 """
 
 from __future__ import annotations
@@ -32,28 +31,6 @@ FENCE = re.compile(r"^```(\w*)\s*$")
 ANNOTATION = re.compile(r"^<!--\s*test:\s*(.*?)\s*-->$")
 RUNNABLE = {"python", "bash", "sh"}
 PYTHON_TIMEOUT_S, COMMAND_TIMEOUT_S = 300, 120
-
-README_PENDING = {
-    "sudo apt-get install build-essential python3-dev   # gcc, make, libc headers; Python.h for the system python":
-        "skip: installs system packages (needs root and the network)",
-    "pip install torch==2.13.0 -e . && python examples/train_and_resume.py":
-        "covered by tests/test_example_and_resume.py::test_main_example_trains_saves_and_resumes",
-    'pip install torch==2.13.0 -e ".[test]" && python -m pytest':
-        "skip: the test suite itself (CI runs it)",
-    'pip install torch==2.13.0 "pydantic>=2.6,<3" "numba>=0.59" "tqdm>=4.60"':
-        "covered by tests/test_install_without_liburing.py::test_without_liburing_auto_falls_back_to_threads_and_io_uring_says_why",
-    "import tempfile":
-        "covered by tests/test_readme_use.py::test_readme_use_snippet_runs_as_written_and_restores_the_optimizer_exactly",
-    "python -m dcp_datastates.bench --size-gib 2 --repeats 5 [--dir /disk/to/test] [--device cuda]":
-        "covered by tests/test_integrity.py::test_cli_bench_json_runs_every_method_side_by_side",
-    "# 1.04B parameters on a GPU: bf16 weights + fp32 master weights and Adam moments (13.5 GiB of state)":
-        "covered by tests/test_bench_training.py::test_training_benchmark_reports_every_method",
-    "torchrun --nproc_per_node=2 examples/train_fsdp.py --dir /tmp/fsdp_run --steps 12 --every 3 --keep 2":
-        "covered by tests/test_example_fsdp.py::test_killed_mid_save_then_resumed_continues_the_loss_curve_exactly",
-    "dcp-datastates inspect /ckpt/step-200          # keys, kinds, dtypes, shapes, sizes, shards, ranks, totals":
-        "covered by tests/test_integrity.py::test_cli_inspect_table_and_json",
-}
-
 
 @dataclass(frozen=True)
 class Block:
@@ -85,11 +62,7 @@ def blocks_of(doc: Path) -> list[Block]:
 
 
 def escape_of(block: Block) -> str | None:
-    if block.annotation is not None:
-        return block.annotation
-    if block.doc.name == "README.md":
-        return README_PENDING.get(block.code.splitlines()[0] if block.code.strip() else "")
-    return None
+    return block.annotation
 
 
 ALL = [b for doc in DOCS for b in blocks_of(doc) if b.language in RUNNABLE]
@@ -116,7 +89,7 @@ def environment(tmp_path: Path) -> dict[str, str]:
 def test_doc_block_runs(block: Block, tmp_path: Path) -> None:
     escape = escape_of(block)
     if escape is None and block.doc.name == "README.md" and block.language != "python":
-        pytest.fail(f"{block.id}: a README command block without a test comment or README_PENDING entry")
+        pytest.fail(f"{block.id}: a README command block without a test comment (<!-- test: CMD | covered by FILE::TEST | skip: WHY -->)")
     if escape is not None and escape.startswith("skip:"):
         reason = escape.removeprefix("skip:").strip()
         assert reason, f"{block.id}: a skip needs its reason"
@@ -139,12 +112,6 @@ def test_doc_block_runs(block: Block, tmp_path: Path) -> None:
         proc = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=COMMAND_TIMEOUT_S)
         assert proc.returncode == 0, f"{block.id}: `{command}` failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-
-
-def test_every_readme_pending_entry_still_matches_an_unannotated_block() -> None:
-    unannotated = {b.code.splitlines()[0] for b in blocks_of(ROOT / "README.md") if b.annotation is None and b.code.strip()}
-    stale = sorted(set(README_PENDING) - unannotated)
-    assert not stale, f"README_PENDING entries without a matching README block (remove them): {stale}"
 
 
 def test_the_parser_sees_fences_annotations_and_continued_lines(tmp_path: Path) -> None:
