@@ -6,7 +6,8 @@ own ``torch.distributed``, no other transport. Both sides know every file and it
 from the save's agreement (``tier_save``), so no header travels: the files are cut into
 chunks of at most :data:`CHUNK_BYTES`, and step *k* posts the receive of incoming chunk
 *k* and the send of outgoing chunk *k*, then waits for both (a ring of sends never
-blocks on itself). Received files are written under ``<name>.part``, fsynced and renamed;
+blocks on itself). Received files are written under a new temporary name (``tier_files.NewFile``:
+never through a planted link), fsynced and renamed;
 ``.metadata`` of the partner copy is published later by the tier worker, only once every
 rank agreed that its copy arrived (``tier_runtime``).
 """
@@ -20,6 +21,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from dcp_datastates.tier_files import NewFile, open_source, remove_files
 
 #: Largest piece in flight per direction: bounds the worker's memory (two buffers of it).
 CHUNK_BYTES = 16 * 1024**2
@@ -59,14 +62,13 @@ def exchange(group: Any, send_to: int, outgoing: list[tuple[Path, int]], recv_fr
     worker's agreement afterwards makes every rank learn that this copy failed.
     """
     out_pieces, in_pieces = pieces(outgoing), pieces(incoming)
-    fds: dict[Path, int] = {}
+    files: dict[Path, NewFile] = {}
     error: OSError | None = None
     received = 0
     try:
         try:
             for path, _ in incoming:  # every incoming file exists, the empty ones too
-                part = path.with_name(path.name + ".part")
-                fds[path] = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0), 0o644)
+                files[path] = NewFile(path.parent, path.name)
         except OSError as exc:
             error = exc
         for k in range(max(len(out_pieces), len(in_pieces))):
@@ -80,12 +82,7 @@ def exchange(group: Any, send_to: int, outgoing: list[tuple[Path, int]], recv_fr
                 outbox = torch.zeros(piece.length, dtype=torch.uint8)
                 if error is None:
                     try:
-                        with open(piece.path, "rb") as f:
-                            data = os.pread(f.fileno(), piece.length, piece.offset)
-                        if len(data) != piece.length:
-                            raise OSError(f"{piece.path} shrank while being sent to its partner "
-                                          f"(wanted {piece.length} bytes at {piece.offset}, got {len(data)})")
-                        outbox = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+                        outbox = torch.frombuffer(bytearray(read_piece(piece)), dtype=torch.uint8)
                     except OSError as exc:
                         error = exc
                 requests.append(dist.isend(outbox, dst=send_to, group=group))
@@ -94,28 +91,33 @@ def exchange(group: Any, send_to: int, outgoing: list[tuple[Path, int]], recv_fr
             if inbox is not None and error is None:
                 piece = in_pieces[k]
                 try:
-                    write_piece(fds[piece.path], memoryview(inbox.numpy()), piece.offset)
+                    write_piece(files[piece.path].fd, memoryview(inbox.numpy()), piece.offset)
                     received += piece.length
                 except OSError as exc:
                     error = exc
         if error is None:
             try:
-                for path, fd in list(fds.items()):
-                    if fsync:
-                        os.fsync(fd)
-                    os.close(fd)
-                    del fds[path]
-                    os.replace(path.with_name(path.name + ".part"), path)
+                for new in files.values():
+                    new.publish(fsync=fsync)
             except OSError as exc:
                 error = exc
         return received, error
     finally:
-        for path, fd in fds.items():
-            os.close(fd)
-        if error is not None:
+        for new in files.values():
+            new.close()
+        if error is not None:  # files of this exchange already renamed into place go too
             for path, _ in incoming:
-                for leftover in (path, path.with_name(path.name + ".part")):
-                    try:
-                        leftover.unlink()
-                    except OSError:
-                        pass
+                remove_files(path.parent, [path.name])
+
+
+def read_piece(piece: Piece) -> bytes:
+    """One outgoing piece, read from the regular file it names (never through a link)."""
+    fd = open_source(piece.path)
+    try:
+        data = os.pread(fd, piece.length, piece.offset)
+    finally:
+        os.close(fd)
+    if len(data) != piece.length:
+        raise OSError(f"{piece.path} shrank while being sent to its partner "
+                      f"(wanted {piece.length} bytes at {piece.offset}, got {len(data)})")
+    return data

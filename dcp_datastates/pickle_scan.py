@@ -68,8 +68,8 @@ _KIND_NAMES = ["number", "string", "tuple", "list", "dict", "set", "new object",
 # cell fields: a cell is a list (mutable containers, shared through the memo as the objects are)
 # or a tuple (immutable values); in .metadata (no models) the most frequent cells have only the first five
 DEPTH, LENGTH, INNER, KIND, AUX, MODEL, WEIGHT = range(7)
-# AUX: TUPLE: its element cells when it has at most one (what a call's argument checks need), else
-# _MANY; LIST: its element cells where a set()/Counter() call is about to take it, else None (kept
+# AUX: TUPLE: its element cells when it has at most one (what a call's argument checks need), or two
+# in object mode (the (key, value) pairs of OrderedDict([...])), else _MANY; LIST: its element cells where a set()/Counter() call is about to take it, else None (kept
 # only there: a list of a million numbers must not cost a million cells); DICT, SET and FRESH: hash
 # counts (object mode); GLOBAL: its Callee; SHARED: what made it; STR: opcode position (STACK_GLOBAL)
 
@@ -275,6 +275,16 @@ def scan_pickle(data: bytes, source: str, policy: ScanPolicy) -> list[tuple[str,
             return list(cell[AUX])
         raise fail(f"it builds {what} from {_describe(cell)}, whose elements the scan cannot check")
 
+    def pair_keys(pairs: list[Any], name: str) -> list[Any]:
+        """The key cells of a mapping built from ``(key, value)`` pairs; refused unless every element is one."""
+        keys = []
+        for pair in pairs:
+            aux = pair[AUX] if pair[KIND] == TUPLE and len(pair) > AUX else None
+            if aux is None or aux is _MANY or len(aux) != 2:
+                raise fail(f"it builds a mapping ({name}) from {_describe(pair)}, not from (key, value) pairs")
+            keys.append(aux[0])
+        return keys
+
     def call(func: Any, args: Any, new: bool) -> list[Any]:
         """The cell of what ``func(*args)`` (REDUCE, OBJ, INST) or ``func.__new__(func, *args)`` returns."""
         nonlocal budget
@@ -297,7 +307,7 @@ def scan_pickle(data: bytes, source: str, policy: ScanPolicy) -> list[tuple[str,
                 keys = elements(items[0], what)
                 if keys is not None:
                     if callee.args == ARGS_MAPPING and callee.name != "collections.Counter":
-                        raise fail(f"it builds a mapping ({callee.name}) from {_describe(items[0])}")
+                        keys = pair_keys(keys, callee.name)  # OrderedDict([(k, v), ...]): the pairs' first items
                     add_keys(cell, keys)
                 elif modelling and items[0][KIND] == DICT and kind in (DICT, FRESH) and items[0][AUX]:
                     cell[AUX] = dict(items[0][AUX])  # the copied keys stay in the new mapping's table
@@ -401,7 +411,7 @@ def scan_pickle(data: bytes, source: str, policy: ScanPolicy) -> list[tuple[str,
                     depth = (a[DEPTH] if a[DEPTH] > b[DEPTH] else b[DEPTH]) + 1
                     if depth > MAX_NESTING:
                         deep(depth)
-                    stack[-1] = (depth, 2, a[LENGTH] + b[LENGTH], TUPLE, _MANY)
+                    stack[-1] = (depth, 2, a[LENGTH] + b[LENGTH], TUPLE, (a, b) if modelling else _MANY)
                     i += 1
                     continue
                 if op == 0x4E or op == 0x89 or op == 0x88:  # NONE, NEWFALSE, NEWTRUE
@@ -496,7 +506,7 @@ def scan_pickle(data: bytes, source: str, policy: ScanPolicy) -> list[tuple[str,
                 del stack[-k:]
                 model, weight = _tuple_model(items) if modelling else (_OPAQUE, 1)
                 stack.append((deep(1 + max(c[DEPTH] for c in items)), k, sum(c[LENGTH] for c in items), TUPLE,
-                              items if k == 1 else _MANY, model, weight))
+                              items if k == 1 or (k == 2 and modelling) else _MANY, model, weight))
             elif op in _STRING_OPS:  # counted strings and bytes
                 stack.append((0, 0, 0, STR, pos if op in _UNICODE_OPS else None,
                               (data[start:i].decode("utf-8", "surrogatepass") if op in _UNICODE_OPS else data[start:i])
@@ -540,7 +550,8 @@ def scan_pickle(data: bytes, source: str, policy: ScanPolicy) -> list[tuple[str,
                 items = pop_mark()
                 model, weight = _tuple_model(items) if modelling else (_OPAQUE, 1)
                 stack.append((deep(1 + max((c[DEPTH] for c in items), default=0)), len(items),
-                              sum(c[LENGTH] for c in items), TUPLE, items if len(items) <= 1 else _MANY, model, weight))
+                              sum(c[LENGTH] for c in items), TUPLE,
+                              items if len(items) <= 1 or (len(items) == 2 and modelling) else _MANY, model, weight))
             elif op == 0x6C:  # LIST
                 items = pop_mark()
                 stack.append([deep(1 + max((c[DEPTH] for c in items), default=0)), len(items),

@@ -14,10 +14,12 @@ Bytes are verified when a restore reads them (``tier_restore``).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
 import os
+import secrets
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -27,8 +29,9 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from dcp_datastates.checksums import CHECKSUM_FILE_SUFFIX, MAX_CHECKSUM_FILE_BYTES, parse_checksum_file, read_regular_file, sha256_hex
 from dcp_datastates.commit import commit_checkpoint, fsync_directory
+from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import METADATA_FILE
-from dcp_datastates.errors import DataStatesError
+from dcp_datastates.errors import CheckpointDirectoryChangedError, CheckpointIOError, DataStatesError
 from dcp_datastates.metadata_check import (
     MAX_METADATA_BYTES,
     integrity_record,
@@ -90,38 +93,114 @@ def commit_copy(directory: Path, metadata_bytes: bytes, manifest: Manifest, requ
 
 
 def write_durably(directory: Path, name: str, data: bytes, *, fsync: bool) -> None:
-    tmp = directory / f"{name}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-    os.replace(tmp, directory / name)
+    """Put ``data`` at ``directory/name`` whole or not at all (a new file, renamed into place)."""
+    with NewFile(directory, name) as new:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(new.fd, view):]
+        new.publish(fsync=fsync)
+
+
+class NewFile:
+    """A file written into ``directory`` under an unpredictable temporary name, renamed to ``name`` when whole.
+
+    A copy's directory may be writable by others (the shared path is): the temporary file is
+    created with ``O_CREAT|O_EXCL|O_NOFOLLOW`` relative to the directory's descriptor
+    (``dir_files.CheckpointDir``), so a link or file planted at any name is never written
+    through, and the rename replaces the entry at ``name`` (a link planted there included)
+    without following it. Leaving the ``with`` block without :meth:`publish` removes the
+    temporary file.
+    """
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.name = name
+        self.tmp = f"{name}.{secrets.token_hex(8)}.part"
+        try:
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            raise CheckpointIOError(exc.errno or errno.EIO, f"cannot open directory {directory}: {exc.strerror or exc}") from exc
+        self.dir = CheckpointDir(dir_fd, directory)
+        try:
+            self.fd = self.dir.create(self.tmp)
+        except BaseException:
+            self.dir.close()
+            raise
+        self.published = False
+
+    def publish(self, *, fsync: bool) -> None:
+        """Make the file durable (``fsync``), check it is still ours, and rename it to its name."""
+        if self.fd >= 0:
+            if fsync:
+                os.fsync(self.fd)
+            self.dir.check_linked(self.fd, self.tmp)
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.replace(self.tmp, self.name, src_dir_fd=self.dir.fd, dst_dir_fd=self.dir.fd)
+        except OSError as exc:
+            raise self.dir.creation_error(self.name, exc) from exc
+        self.published = True
+
+    def __enter__(self) -> "NewFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the file; remove the temporary one unless it was published. Idempotent."""
+        if self.dir.fd < 0:
+            return
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if not self.published:
+            self.dir.remove(self.tmp)
+        self.dir.close()
+
+
+def open_source(path: Path) -> int:
+    """A read descriptor of the regular file ``path``: never through a link, never blocking on a FIFO."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise CheckpointIOError(exc.errno or errno.EIO, f"cannot open {path}: {exc.strerror or exc}") from exc
+        fd = -1
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise CheckpointDirectoryChangedError(
+            f"{path} is not a regular file (a link or other entry put in place of a checkpoint file?); tier copies "
+            "are never made through links. Remove it; the copy is not made from it.")
+    return fd
 
 
 def copy_file(source: Path, target: Path, *, fsync: bool) -> int:
-    """Copy ``source`` to ``target`` through a temporary name (a crash leaves no half file under the name)."""
-    tmp = target.with_name(target.name + ".part")
-    with open(source, "rb") as src, open(tmp, "wb") as dst:
-        copied = 0
-        while True:
-            n = os.sendfile(dst.fileno(), src.fileno(), copied, COPY_CHUNK_BYTES)
-            if n == 0:
-                break
-            copied += n
-        if fsync:
-            os.fsync(dst.fileno())
-    os.replace(tmp, target)
+    """Copy ``source`` to ``target`` through a new temporary file (a crash leaves no half file under the name)."""
+    src = open_source(source)
+    try:
+        with NewFile(target.parent, target.name) as new:
+            copied = 0
+            while True:
+                n = os.sendfile(new.fd, src, copied, COPY_CHUNK_BYTES)
+                if n == 0:
+                    break
+                copied += n
+            new.publish(fsync=fsync)
+    finally:
+        os.close(src)
     return copied
 
 
 def remove_files(directory: Path, names: list[str]) -> None:
+    """Unlink ``names`` in ``directory`` where they are regular files (never following a link)."""
     for name in names:
-        for path in (directory / name, directory / (name + ".part")):
-            try:
-                path.unlink()
-            except OSError:
-                pass
+        try:
+            if stat.S_ISREG(os.lstat(directory / name).st_mode):
+                (directory / name).unlink()
+        except OSError:
+            pass
 
 
 def is_side_file(name: str) -> bool:
@@ -210,18 +289,37 @@ def inventory(directory: Path, kind: str) -> CopyInventory | None:
 
 def step_directories(root: Path) -> list[Path]:
     """``step-N`` directories under ``root``, newest first."""
-    if not root.is_dir():
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
         return []
-    found = [(step_of(p.name), p) for p in root.iterdir() if p.is_dir() and step_of(p.name) is not None]
+    # real directories only: a link named step-N (to anywhere) is never read, pinned or pruned as a copy
+    found = [(step_of(e.name), root / e.name) for e in entries
+             if step_of(e.name) is not None and e.is_dir(follow_symlinks=False)]
     return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
 
 
 # -- pins and pruning ---------------------------------------------------------------------------------
+def open_pin_file(directory: Path) -> int:
+    """The pin file of a copy (created if missing): never through a link, a regular file only."""
+    try:
+        fd = os.open(directory / PIN_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+            raise
+        fd = -1
+    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if fd >= 0:
+            os.close(fd)
+        raise CheckpointDirectoryChangedError(f"{directory / PIN_FILE} is not a regular file (a link put there?); remove it")
+    return fd
+
+
 class Pin:
     """A shared ``flock`` on a local copy that a drain will read: pruning skips pinned copies."""
 
     def __init__(self, directory: Path) -> None:
-        self.fd: int | None = os.open(directory / PIN_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+        self.fd: int | None = open_pin_file(directory)
         fcntl.flock(self.fd, fcntl.LOCK_SH)
 
     def release(self) -> None:
@@ -249,7 +347,7 @@ def prune(root: Path, keep: int, *, fsync: bool, upto_step: int | None = None) -
             continue
         fd = None
         try:
-            fd = os.open(directory / PIN_FILE, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = open_pin_file(directory)
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)  # type: ignore[arg-type]

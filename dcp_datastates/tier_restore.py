@@ -45,7 +45,16 @@ from dcp_datastates.errors import ChecksumMismatchError, CheckpointIOError, Data
 from dcp_datastates.metadata_check import integrity_record
 from dcp_datastates.reader import DataStatesReader
 from dcp_datastates.tier_comm import all_gather_object, all_reduce_int, distributed, rank as global_rank, world_size
-from dcp_datastates.tier_files import CopyInventory, inventory, parse_metadata, read_metadata_bytes, step_directories
+from dcp_datastates.partner import write_piece
+from dcp_datastates.tier_files import (
+    CopyInventory,
+    NewFile,
+    inventory,
+    open_source,
+    parse_metadata,
+    read_metadata_bytes,
+    step_directories,
+)
 from dcp_datastates.tiers import FETCHED_DIR, PARTNER_DIR, MultiLevelConfig, Topology, node_identity
 
 logger = logging.getLogger("dcp_datastates")
@@ -242,18 +251,21 @@ class TierReader(DataStatesReader):
         for t in transfers:
             if me not in (t.src, t.dst):
                 continue
-            handle = None
+            source: int | None = None
+            target: NewFile | None = None
             try:
                 if me == t.dst:
                     Path(t.target).parent.mkdir(parents=True, exist_ok=True)
-                handle = open(t.source if me == t.src else t.target + ".part", "rb" if me == t.src else "wb")
+                    target = NewFile(Path(t.target).parent, Path(t.target).name)
+                else:
+                    source = open_source(Path(t.source))
             except OSError as exc:
                 error = error or exc
             try:
                 for offset in range(0, t.size, _CHUNK):
                     n = min(_CHUNK, t.size - offset)
                     if me == t.src:
-                        data = handle.read(n) if handle is not None and error is None else b""
+                        data = os.pread(source, n, offset) if source is not None and error is None else b""
                         if len(data) != n:
                             error = error or CheckpointIOError(f"{t.source} is shorter than when it was listed")
                             data = bytes(n)
@@ -261,22 +273,21 @@ class TierReader(DataStatesReader):
                     else:
                         buffer = torch.empty(n, dtype=torch.uint8)
                         dist.recv(buffer, src=t.src)
-                        if handle is not None and error is None:
+                        if target is not None and error is None:
                             try:
-                                handle.write(memoryview(buffer.numpy()))
+                                write_piece(target.fd, memoryview(buffer.numpy()), offset)
                             except OSError as exc:
                                 error = exc
                         self.bytes_fetched += n
-                if me == t.dst and handle is not None and error is None:
-                    handle.flush()
-                    os.fsync(handle.fileno())
+                if target is not None and error is None:
+                    target.publish(fsync=True)
             except OSError as exc:
                 error = error or exc
             finally:
-                if handle is not None:
-                    handle.close()
-            if me == t.dst and error is None:
-                os.replace(t.target + ".part", t.target)
+                if source is not None:
+                    os.close(source)
+                if target is not None:
+                    target.close()
         failed = all_reduce_int(-1 if error is None else me, "max", None)
         if error is not None:
             raise CheckpointIOError(f"fetching checkpoint files from another node failed: {error}") from error

@@ -249,6 +249,38 @@ def test_ordinary_objects_still_load_unchanged():
             check_object_record(buffer.getvalue(), "k", "f", 0)
 
 
+
+class _Reduced:
+    """Pickles as ``(callable, args)``: how a class's ``__reduce__`` hands an OrderedDict its items."""
+
+    def __init__(self, func: object, args: tuple) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _record(value: object) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def test_an_ordered_dict_built_from_pairs_loads_and_its_keys_are_still_counted():
+    pairs = [("lr", 0.1), ("betas", (0.9, 0.95)), (3, "three")]
+    data = _record(_Reduced(OrderedDict, (pairs,)))
+    check_object_record(data, "k", "f", 0)
+    with torch.serialization.safe_globals(_PLAIN_DATA_GLOBALS):
+        assert _same(torch.load(io.BytesIO(data), weights_only=True), OrderedDict(pairs))
+    colliding = hp.colliding_pairs(2000)  # tuples of ints with one hash value: a flood through the pairs' keys
+    start = time.perf_counter()
+    with pytest.raises(CorruptCheckpointError, match="share one hash value"):
+        check_object_record(_record(_Reduced(OrderedDict, ([(k, 0) for k in colliding],))), "k", "f", 0)
+    assert time.perf_counter() - start < 2.0
+    for not_pairs in ([1, 2], [(1, 2, 3)], [[("a", 1)]]):
+        with pytest.raises(CorruptCheckpointError, match="not from .key, value. pairs"):
+            check_object_record(_record(_Reduced(OrderedDict, (not_pairs,))), "k", "f", 0)
+
 # -- numpy, ZStandard ------------------------------------------------------------------------------
 def test_numpy_objects_need_trust_and_load_exactly_with_it(tmp_path):
     state = {"w": torch.ones(2), "array": np.arange(5, dtype=np.int16), "scalar": np.float64(1.25)}

@@ -1,0 +1,177 @@
+"""Multi-level tier copies never write through planted links, never reuse an entry, never prune outside their root.
+
+The shared path (and, on a shared node, the local tier) may be writable by others: every
+file a tier copy creates -- the drained shared files, partner copies, fetched files, the
+manifest -- goes through ``tier_files.NewFile`` (an unpredictable temporary name created
+with ``O_EXCL|O_NOFOLLOW``, renamed over the entry at its name without following it);
+sources are opened without following links; pruning and stock-taking see real
+directories only. Each case plants an entry and checks the file outside is untouched and
+the copy is exactly right (or refused with our typed error).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+from dcp_datastates import drain, tier_files
+from dcp_datastates.errors import CheckpointDirectoryChangedError
+from dcp_datastates.tier_files import NewFile, Pin, copy_file, prune, step_directories, write_durably
+from dcp_datastates.tier_runtime import flush_tiers, shutdown_tiers
+from dcp_datastates.tiers import NODE_ENV
+
+from test_multilevel import assert_loads, async_save, ml_config
+
+OUTSIDE = b"a file outside every checkpoint\n"
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    path = tmp_path / "outside.bin"
+    path.write_bytes(OUTSIDE)
+    return path
+
+
+def plant(path: Path, kind: str, outside: Path) -> None:
+    if kind == "symlink":
+        path.symlink_to(outside)
+    elif kind == "dangling":
+        path.symlink_to(outside.parent / "does-not-exist")
+    elif kind == "hardlink":
+        os.link(outside, path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_bytes(b"planted")
+
+
+KINDS = ["symlink", "dangling", "hardlink", "fifo", "file"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_copy_replaces_an_entry_planted_at_its_name_without_writing_through_it(tmp_path, outside, kind):
+    source, target_dir = tmp_path / "source.bin", tmp_path / "shared"
+    source.write_bytes(b"checkpoint bytes" * 1000)
+    target_dir.mkdir()
+    plant(target_dir / "data.distcp", kind, outside)
+    assert copy_file(source, target_dir / "data.distcp", fsync=True) == 16000
+    assert outside.read_bytes() == OUTSIDE and os.stat(outside).st_nlink == 1  # a planted hard link is unlinked, not written
+    info = os.lstat(target_dir / "data.distcp")
+    assert stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+    assert (target_dir / "data.distcp").read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in target_dir.iterdir()) == ["data.distcp"]  # no temporary file left
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_an_entry_planted_at_the_temporary_name_is_refused_and_never_written_through(tmp_path, outside, kind, monkeypatch):
+    """The temporary name is unpredictable; forced to be known here, the planted entry still wins nothing."""
+    monkeypatch.setattr(tier_files.secrets, "token_hex", lambda n: "0" * (2 * n))
+    source, target_dir = tmp_path / "source.bin", tmp_path / "shared"
+    source.write_bytes(b"x" * 5000)
+    target_dir.mkdir()
+    plant(target_dir / f"data.distcp.{'0' * 16}.part", kind, outside)
+    with pytest.raises(CheckpointDirectoryChangedError, match="already exists at that name"):
+        copy_file(source, target_dir / "data.distcp", fsync=False)
+    assert outside.read_bytes() == OUTSIDE and not (target_dir / "data.distcp").exists()
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_source_that_is_a_link_or_fifo_is_refused_naming_it(tmp_path, outside, kind):
+    (tmp_path / "shared").mkdir()
+    plant(tmp_path / "source.bin", kind, outside)
+    with pytest.raises(CheckpointDirectoryChangedError, match="source.bin is not a regular file"):
+        copy_file(tmp_path / "source.bin", tmp_path / "shared" / "data.distcp", fsync=False)
+    assert list((tmp_path / "shared").iterdir()) == []
+
+
+def test_the_manifest_is_replaced_not_written_through_and_temporaries_are_unpredictable(tmp_path, outside):
+    plant(tmp_path / ".tier.json", "symlink", outside)
+    plant(tmp_path / ".tier.json.tmp", "symlink", outside)  # the name an older version used
+    write_durably(tmp_path, ".tier.json", b'{"format": 1}', fsync=True)
+    assert outside.read_bytes() == OUTSIDE
+    assert not (tmp_path / ".tier.json").is_symlink() and (tmp_path / ".tier.json").read_bytes() == b'{"format": 1}'
+    names = set()
+    for _ in range(20):
+        with NewFile(tmp_path, "x") as new:
+            names.add(new.tmp)
+    assert len(names) == 20 and sorted(p.name for p in tmp_path.iterdir()) == [".tier.json", ".tier.json.tmp", "outside.bin"]
+
+
+def test_an_unpublished_new_file_is_removed(tmp_path):
+    with NewFile(tmp_path, "data.distcp") as new:
+        os.write(new.fd, b"half")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pruning_never_follows_a_step_link_out_of_the_tier(tmp_path, outside):
+    root, elsewhere = tmp_path / "local", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / ".metadata").write_bytes(b"someone else's checkpoint")
+    (root / "step-1").symlink_to(elsewhere, target_is_directory=True)
+    for step in (2, 3, 4):
+        (root / f"step-{step}").mkdir()
+        (root / f"step-{step}" / ".metadata").write_bytes(b"m")
+    assert [p.name for p in step_directories(root)] == ["step-4", "step-3", "step-2"]
+    assert prune(root, 1, fsync=False) == ["step-3", "step-2"]
+    assert (elsewhere / ".metadata").read_bytes() == b"someone else's checkpoint"
+    assert sorted(p.name for p in elsewhere.iterdir()) == [".metadata"]  # no pin file made in there either
+    assert (root / "step-1").is_symlink() and (root / "step-4" / ".metadata").is_file()
+
+
+def test_a_pin_file_planted_as_a_link_is_refused(tmp_path, outside):
+    plant(tmp_path / tier_files.PIN_FILE, "symlink", outside)
+    with pytest.raises(CheckpointDirectoryChangedError, match="not a regular file"):
+        Pin(tmp_path)
+    assert outside.read_bytes() == OUTSIDE
+
+
+@pytest.mark.parametrize("kind", ["symlink", "hardlink", "file"])
+def test_a_drain_over_entries_planted_in_the_shared_directory_publishes_exact_bytes(tmp_path, outside, kind, monkeypatch):
+    """Entries planted at every name the drain writes, right before it writes it: outside stays, the copy loads."""
+    monkeypatch.setenv(NODE_ENV, "solo")
+    real, planted = drain.copy_one, []
+
+    def copy(source: Path, target: Path, fsync: bool) -> int:
+        plant(target, kind, outside)
+        planted.append(target.name)
+        return real(source, target, fsync)
+
+    monkeypatch.setattr(drain, "copy_one", copy)
+    try:
+        async_save(tmp_path, 1, ml_config(tmp_path))
+        assert flush_tiers(60)
+    finally:
+        assert shutdown_tiers(60)
+    assert planted and outside.read_bytes() == OUTSIDE
+    shared = tmp_path / "shared/step-1"
+    for name in planted:
+        info = os.lstat(shared / name)
+        assert stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+        assert (shared / name).read_bytes() == (tmp_path / "local/solo/step-1" / name).read_bytes()
+    assert_loads(shared, 1)
+
+
+def test_a_drain_whose_local_source_became_a_link_publishes_nothing(tmp_path, outside, monkeypatch, caplog):
+    monkeypatch.setenv(NODE_ENV, "solo")
+    real = drain.copy_one
+
+    def copy(source: Path, target: Path, fsync: bool) -> int:
+        source.unlink()
+        plant(source, "symlink", outside)
+        return real(source, target, fsync)
+
+    monkeypatch.setattr(drain, "copy_one", copy)
+    try:
+        with caplog.at_level(logging.WARNING, logger="dcp_datastates"):
+            async_save(tmp_path, 1, ml_config(tmp_path))
+            assert flush_tiers(60)
+    finally:
+        assert shutdown_tiers(60)
+    assert "is not a regular file" in caplog.text
+    shared = tmp_path / "shared/step-1"
+    assert not (shared / ".metadata").exists() and not any(shared.glob("__*"))  # no checkpoint, no leftovers
+    assert outside.read_bytes() == OUTSIDE
