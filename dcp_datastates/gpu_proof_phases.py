@@ -104,7 +104,8 @@ def tests_phase(opts: argparse.Namespace) -> int:
     if not files:
         print(f"no test file in {opts.tests_dir} marks a test gpu", flush=True)
         return 1
-    code = pytest.main(["-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider", *map(str, files)],
+    # one process (the recorder sees every test; the GPU image has no pytest-xdist for the project's -n 2)
+    code = pytest.main(["-o", "addopts=", "-m", "gpu", "-v", "-rs", "-p", "no:cacheprovider", *map(str, files)],
                        plugins=[_Recorder(figures, opts.figures)])
     figures.exit_code = int(code)
     publish(figures, opts.figures)

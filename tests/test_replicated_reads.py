@@ -25,7 +25,7 @@ pytestmark = pytest.mark.multirank
 
 
 def torchrun(*args: str, timeout: int = 300) -> str:
-    return torchrun_script("replicated_load.py", *args, timeout=timeout)
+    return torchrun_script("replicated_load.py", *args, timeout=timeout, rerun_teardown_abort=True)  # it only reads
 
 
 def item(fqn: str) -> ReadItem:
