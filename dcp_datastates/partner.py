@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from dcp_datastates.tier_files import NewFile, open_source, remove_files
+from dcp_datastates.tier_files import NewFile, open_source, remove_files, write_at
 
 #: Largest piece in flight per direction: bounds the worker's memory (two buffers of it).
 CHUNK_BYTES = 16 * 1024**2
@@ -45,10 +45,7 @@ def pieces(files: list[tuple[Path, int]], chunk: int | None = None) -> list[Piec
 
 def write_piece(fd: int, data: memoryview, offset: int) -> None:
     """Write one received piece (its own function: the crash tests stop a process right here)."""
-    view = data
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
+    write_at(fd, data, offset)
 
 
 def exchange(group: Any, send_to: int, outgoing: list[tuple[Path, int]], recv_from: int,

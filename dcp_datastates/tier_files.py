@@ -176,6 +176,23 @@ def open_source(path: Path) -> int:
     return fd
 
 
+def make_copy_dir(directory: Path) -> None:
+    """Create ``directory`` (and its parents) for a copy; refuse one that is a link or not a directory."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not stat.S_ISDIR(os.lstat(directory).st_mode):
+        raise CheckpointDirectoryChangedError(
+            f"{directory} is a link (or not a directory); tier copies are only written into real directories. "
+            "Remove it; the copy was not made.")
+
+
+def write_at(fd: int, data: memoryview, offset: int) -> None:
+    """``pwrite`` all of ``data`` at ``offset`` (short writes continued)."""
+    view = data
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def copy_file(source: Path, target: Path, *, fsync: bool) -> int:
     """Copy ``source`` to ``target`` through a new temporary file (a crash leaves no half file under the name)."""
     src = open_source(source)

@@ -45,15 +45,16 @@ from dcp_datastates.errors import ChecksumMismatchError, CheckpointIOError, Data
 from dcp_datastates.metadata_check import integrity_record
 from dcp_datastates.reader import DataStatesReader
 from dcp_datastates.tier_comm import all_gather_object, all_reduce_int, distributed, rank as global_rank, world_size
-from dcp_datastates.partner import write_piece
 from dcp_datastates.tier_files import (
     CopyInventory,
     NewFile,
     inventory,
+    make_copy_dir,
     open_source,
     parse_metadata,
     read_metadata_bytes,
     step_directories,
+    write_at,
 )
 from dcp_datastates.tiers import FETCHED_DIR, PARTNER_DIR, MultiLevelConfig, Topology, node_identity
 
@@ -255,7 +256,7 @@ class TierReader(DataStatesReader):
             target: NewFile | None = None
             try:
                 if me == t.dst:
-                    Path(t.target).parent.mkdir(parents=True, exist_ok=True)
+                    make_copy_dir(Path(t.target).parent)
                     target = NewFile(Path(t.target).parent, Path(t.target).name)
                 else:
                     source = open_source(Path(t.source))
@@ -275,7 +276,7 @@ class TierReader(DataStatesReader):
                         dist.recv(buffer, src=t.src)
                         if target is not None and error is None:
                             try:
-                                write_piece(target.fd, memoryview(buffer.numpy()), offset)
+                                write_at(target.fd, memoryview(buffer.numpy()), offset)
                             except OSError as exc:
                                 error = exc
                         self.bytes_fetched += n

@@ -35,7 +35,7 @@ from dcp_datastates.drain import Drainer, DrainJob
 from dcp_datastates.partner import exchange
 from dcp_datastates.save_claim import DirectoryIdentity
 from dcp_datastates.tier_comm import all_gather_object, all_reduce_int, broadcast_bytes, distributed, rank, world_size
-from dcp_datastates.tier_files import Manifest, Pin, commit_copy, prune, remove_files
+from dcp_datastates.tier_files import Manifest, Pin, commit_copy, make_copy_dir, prune, remove_files
 from dcp_datastates.tiers import PARTNER_DIR, TierConfigError, Topology, node_identity, partner_step_dir
 from dcp_datastates.resume import step_of
 
@@ -247,7 +247,7 @@ class TierRuntime:
         target = partner_step_dir(ml, node, job.name)
         error: BaseException | None = None
         try:
-            target.mkdir(parents=True, exist_ok=True)
+            make_copy_dir(target)
         except OSError as exc:
             error = exc
         outgoing = [(job.local_dir / name, size) for name, size in sorted(job.reports[self.rank].files.items())]

@@ -175,3 +175,16 @@ def test_a_drain_whose_local_source_became_a_link_publishes_nothing(tmp_path, ou
     shared = tmp_path / "shared/step-1"
     assert not (shared / ".metadata").exists() and not any(shared.glob("__*"))  # no checkpoint, no leftovers
     assert outside.read_bytes() == OUTSIDE
+
+
+def test_a_copy_directory_that_is_a_link_is_refused(tmp_path, outside):
+    from dcp_datastates.tier_files import make_copy_dir
+
+    (tmp_path / "partner").mkdir()
+    (tmp_path / "partner" / "step-3").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(CheckpointDirectoryChangedError, match="is a link"):
+        make_copy_dir(tmp_path / "partner" / "step-3")
+    make_copy_dir(tmp_path / "partner" / "step-4")  # a new real one is made, parents too
+    make_copy_dir(tmp_path / "a" / "b")
+    assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "elsewhere").iterdir()) == []
