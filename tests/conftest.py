@@ -224,3 +224,21 @@ def torchrun_script(script: str, *args: str, timeout: int = 300, nproc: int = 2,
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
     return proc.stdout
+
+
+def plant(path: Path, kind: str, outside: Path) -> None:
+    """Put an entry of ``kind`` at ``path`` (a link to, or a hard link of, ``outside``; a FIFO, directory or file)."""
+    import os
+
+    if kind == "symlink":
+        path.symlink_to(outside)
+    elif kind == "dangling":
+        path.symlink_to(outside.parent / "does-not-exist")
+    elif kind == "hardlink":
+        os.link(outside, path)
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    else:
+        path.write_bytes(b"planted")

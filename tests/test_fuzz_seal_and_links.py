@@ -40,7 +40,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
-from conftest import small_config
+from conftest import plant, small_config
 from dcp_datastates import DataStatesConfig, DataStatesError, DataStatesReader, DataStatesWriter
 from dcp_datastates import dir_files
 from dcp_datastates import snapshot as snapshot_module
@@ -277,21 +277,6 @@ def test_fuzz_seal_edits(pristine, tmp_path):
 
 
 # -- planted links ------------------------------------------------------------------------------------
-def plant(path: Path, kind: str, outside: Path) -> None:
-    if kind == "symlink":
-        path.symlink_to(outside)
-    elif kind == "dangling":
-        path.symlink_to(outside.parent / "does-not-exist")
-    elif kind == "hardlink":
-        os.link(outside, path)
-    elif kind == "fifo":
-        os.mkfifo(path)
-    elif kind == "directory":
-        path.mkdir()
-    else:
-        path.write_bytes(b"planted")
-
-
 def same_kind(path: Path, kind: str) -> bool:
     mode = os.lstat(path).st_mode
     return {"symlink": stat.S_ISLNK, "dangling": stat.S_ISLNK, "fifo": stat.S_ISFIFO, "directory": stat.S_ISDIR}.get(

@@ -23,6 +23,7 @@ from dcp_datastates.tier_files import NewFile, Pin, copy_file, prune, step_direc
 from dcp_datastates.tier_runtime import flush_tiers, shutdown_tiers
 from dcp_datastates.tiers import NODE_ENV
 
+from conftest import plant
 from test_multilevel import assert_loads, async_save, ml_config
 
 OUTSIDE = b"a file outside every checkpoint\n"
@@ -33,19 +34,6 @@ def outside(tmp_path: Path) -> Path:
     path = tmp_path / "outside.bin"
     path.write_bytes(OUTSIDE)
     return path
-
-
-def plant(path: Path, kind: str, outside: Path) -> None:
-    if kind == "symlink":
-        path.symlink_to(outside)
-    elif kind == "dangling":
-        path.symlink_to(outside.parent / "does-not-exist")
-    elif kind == "hardlink":
-        os.link(outside, path)
-    elif kind == "fifo":
-        os.mkfifo(path)
-    else:
-        path.write_bytes(b"planted")
 
 
 KINDS = ["symlink", "dangling", "hardlink", "fifo", "file"]
