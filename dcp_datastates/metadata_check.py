@@ -570,6 +570,45 @@ def records_by_file(metadata: Metadata) -> dict[str, list[tuple[int, int, str]]]
     return by_file
 
 
+@dataclass
+class SealFindings:
+    """What a policy finds in a seal whose digest matched (``seal_findings``)."""
+
+    forged: FileProblem | None = None  # the keyed seal does not verify: refuse under any policy
+    unverified: list[str] = field(default_factory=list)  # why it is not verified end to end
+    keyed: bool = False  # the seal verified under the policy's key
+
+
+def seal_findings(record: IntegrityRecord, policy: IntegrityPolicy, source: str) -> SealFindings:
+    """Under a key, the seal's HMAC must verify with it (else forged); an unkeyed seal or one of
+    another key is unverified. Any policy: an older seal format, or a save without checksums, is
+    unverified. Only a policy that demands verification (``policy.enforced``) refuses those.
+    """
+    found = SealFindings()
+    if policy.key is not None:
+        if record.mac is None:
+            found.unverified.append("its seal is not keyed (it was saved without an integrity key, or its key was "
+                                    "stripped)")
+        elif record.key_id != policy.key_id:
+            found.unverified.append(f"it was sealed with another key (key id {record.key_id}; yours is "
+                                    f"{policy.key_id})")
+        elif not mac_matches(policy.key, record.metadata_sha256, record.mac):
+            found.forged = FileProblem(
+                METADATA_FILE, 0, 0, [], "keyed seal does not verify under the integrity key",
+                f"{source}: its keyed seal does not verify under your integrity key (key id {policy.key_id}): "
+                "the checkpoint was forged or altered by someone without the key. Do not load it; load "
+                "another checkpoint.", CorruptCheckpointError)
+            return found
+        else:
+            found.keyed = True
+    if record.format < INTEGRITY_FORMAT:
+        found.unverified.append(f"it was sealed by an earlier version (seal format {record.format}) whose seal "
+                                "does not cover its own list of checksum files; save it again")
+    if not record.checksums:
+        found.unverified.append("it was saved with checksums=False: its data bytes cannot be verified")
+    return found
+
+
 def load_verified_checksums(
     directory: str | os.PathLike, metadata: Metadata, policy: IntegrityPolicy | None = None
 ) -> ChecksumSet:
@@ -601,27 +640,12 @@ def load_verified_checksums(
                 f"{source} has been altered since it was saved: its content does not match the SHA-256 recorded "
                 "in it at commit; the checkpoint is damaged. Load another checkpoint.", CorruptCheckpointError))
             return out
-        if policy.key is not None:
-            if record.mac is None:
-                out.unverified.append("its seal is not keyed (it was saved without an integrity key, or its key was "
-                                      "stripped)")
-            elif record.key_id != policy.key_id:
-                out.unverified.append(f"it was sealed with another key (key id {record.key_id}; yours is "
-                                      f"{policy.key_id})")
-            elif not mac_matches(policy.key, record.metadata_sha256, record.mac):
-                out.problems.append(FileProblem(
-                    METADATA_FILE, 0, 0, [], "keyed seal does not verify under the integrity key",
-                    f"{source}: its keyed seal does not verify under your integrity key (key id {policy.key_id}): "
-                    "the checkpoint was forged or altered by someone without the key. Do not load it; load "
-                    "another checkpoint.", CorruptCheckpointError))
-                return out
-            else:
-                out.keyed = True
-        if record.format < INTEGRITY_FORMAT:
-            out.unverified.append(f"it was sealed by an earlier version (seal format {record.format}) whose seal "
-                                  "does not cover its own list of checksum files; save it again")
-        if not record.checksums:
-            out.unverified.append("it was saved with checksums=False: its data bytes cannot be verified")
+        found = seal_findings(record, policy, source)
+        if found.forged is not None:
+            out.problems.append(found.forged)
+            return out
+        out.unverified.extend(found.unverified)
+        out.keyed = found.keyed
         names = dict(record.checksum_files)
     for name, digest in sorted(names.items()):
         path = directory / name

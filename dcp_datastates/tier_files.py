@@ -32,11 +32,13 @@ from dcp_datastates.commit import commit_checkpoint, fsync_directory
 from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import METADATA_FILE
 from dcp_datastates.errors import CheckpointDirectoryChangedError, CheckpointIOError, DataStatesError
+from dcp_datastates.integrity import IntegrityPolicy
 from dcp_datastates.metadata_check import (
     MAX_METADATA_BYTES,
     integrity_record,
     metadata_digest,
     records_by_file,
+    seal_findings,
     validate_metadata,
 )
 from dcp_datastates.resume import step_of
@@ -254,8 +256,14 @@ def parse_metadata(data: bytes, source: str) -> Metadata:
     return metadata
 
 
-def inventory(directory: Path, kind: str) -> CopyInventory | None:
-    """Which files of the save in ``directory`` are intact; None if it is no committed, sealed copy."""
+def inventory(directory: Path, kind: str, policy: IntegrityPolicy | None = None,
+              refused: list[str] | None = None) -> CopyInventory | None:
+    """Which files of the save in ``directory`` are intact; None if it is no committed, sealed copy.
+
+    Under ``policy``, also None for a copy the policy refuses -- a keyed seal that does not verify
+    (forged), or, where the policy demands verification, an unkeyed seal, another key's, or a
+    save without checksums: such a copy is never a restore's source. Why goes into ``refused``.
+    """
     step = step_of(directory.name)
     if step is None:
         return None
@@ -265,6 +273,14 @@ def inventory(directory: Path, kind: str) -> CopyInventory | None:
         record = integrity_record(metadata)
         if record is None or metadata_digest(metadata) != record.metadata_sha256:
             return None
+        if policy is not None:
+            found = seal_findings(record, policy, str(directory / METADATA_FILE))
+            if found.forged is not None or (policy.enforced and found.unverified):
+                why = found.forged.message if found.forged is not None else f"{directory}: {'; '.join(found.unverified)}"
+                logger.warning("dcp_datastates: %s is not used for a restore: %s", directory, why)
+                if refused is not None:
+                    refused.append(why)
+                return None
         by_file = records_by_file(metadata)
         referenced = set(by_file) | set(record.checksum_files)
         intact: set[str] = set()

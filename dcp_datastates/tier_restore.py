@@ -41,8 +41,15 @@ from torch.futures import Future
 
 from dcp_datastates.checksums import CHECKSUM_FILE_SUFFIX, MAX_CHECKSUM_FILE_BYTES, parse_checksum_file, read_regular_file, sha256_hex
 from dcp_datastates.config import DataStatesConfig
-from dcp_datastates.errors import ChecksumMismatchError, CheckpointIOError, DataStatesError, IncompleteCheckpointError
-from dcp_datastates.metadata_check import integrity_record
+from dcp_datastates.errors import (
+    ChecksumMismatchError,
+    CheckpointIOError,
+    DataStatesError,
+    IncompleteCheckpointError,
+    UnverifiedCheckpointError,
+)
+from dcp_datastates.integrity import IntegrityPolicy
+from dcp_datastates.metadata_check import integrity_record, seal_findings, unverified_error
 from dcp_datastates.reader import DataStatesReader
 from dcp_datastates.tier_comm import all_gather_object, all_reduce_int, distributed, rank as global_rank, world_size
 from dcp_datastates.tier_files import (
@@ -123,23 +130,33 @@ def _topology() -> Topology:
     return Topology(tuple(all_gather_object(node_identity(), None)))
 
 
-def _scan(ml: MultiLevelConfig, shared_root: Path, topo: Topology) -> list[HeldCopy]:
+def _scan(ml: MultiLevelConfig, shared_root: Path, topo: Topology, policy: IntegrityPolicy) -> list[HeldCopy]:
+    """Every usable copy the job holds (collective). Raises when copies exist but ``policy`` refused them all."""
     me = global_rank()
     node = topo.nodes[me]
     found: list[HeldCopy] = []
+    refused: list[str] = []
     if topo.leader(node) == me:
         root = ml.local_root(node)
         for kind, directory in (("local", root), ("partner", root / PARTNER_DIR)):
             for path in step_directories(directory):
-                inv = inventory(path, kind)
+                inv = inventory(path, kind, policy, refused)
                 if inv is not None:
                     found.append(HeldCopy(node, inv))
     if me == 0:
         for path in step_directories(shared_root):
-            inv = inventory(path, "shared")
+            inv = inventory(path, "shared", policy, refused)
             if inv is not None:
                 found.append(HeldCopy(None, inv))
-    return [copy for part in all_gather_object(found, None) for copy in part]
+    parts = all_gather_object((found, refused), None)
+    copies = [copy for part, _ in parts for copy in part]
+    reasons = [why for _, part in parts for why in part]
+    if reasons and not copies:  # never a silent fresh start because the policy refused what is there
+        raise UnverifiedCheckpointError(
+            f"no checkpoint copy under {str(shared_root)!r} or the local tiers can be restored as {policy.name} "
+            f"demands ({len(reasons)} refused; e.g. {reasons[0]}). Restore with the key the job saved with, or "
+            "without the policy if you trust these copies.")
+    return copies
 
 
 def choose(copies: list[HeldCopy], world: int, excluded: set[tuple[str | None, str, str]], step: int | None = None) -> Choice | None:
@@ -161,7 +178,7 @@ def find_restorable(shared_root: str | os.PathLike, config: DataStatesConfig, *,
     """Collective: the save ``restore`` would load (``latest_complete_checkpoint`` for multi-level runs)."""
     ml = _multilevel(config)
     topo = _topology()
-    return choose(_scan(ml, Path(shared_root), topo), topo.world_size, set(), step)
+    return choose(_scan(ml, Path(shared_root), topo, IntegrityPolicy.of(config)), topo.world_size, set(), step)
 
 
 # -- 3 and 4: the reader ---------------------------------------------------------------------------------
@@ -187,6 +204,11 @@ class TierReader(DataStatesReader):
         record = integrity_record(metadata)
         if record is None or record.metadata_sha256 != self.choice.digest:
             raise IncompleteCheckpointError(f"{self.choice.name}: .metadata is not the one chosen for this restore")
+        found = seal_findings(record, self.integrity, f"{self.choice.name}/.metadata")  # the key, on these very bytes
+        if found.forged is not None:
+            raise found.forged.exception()
+        if self.integrity.enforced and found.unverified:
+            raise unverified_error(self.choice.name, self.integrity, found.unverified)
         self.seal = record
         self.storage_data = metadata.storage_data
 
@@ -334,7 +356,7 @@ def restore(state_dict: dict[str, Any], shared_root: str | os.PathLike, config: 
     topo = _topology()
     me = global_rank()
     fetched_root = ml.local_root(topo.nodes[me]) / FETCHED_DIR
-    copies = _scan(ml, shared_root, topo)
+    copies = _scan(ml, shared_root, topo, IntegrityPolicy.of(config))
     excluded: set[tuple[str | None, str, str]] = set()
     for attempt in range(1, MAX_ATTEMPTS + 1):
         choice = choose(copies, topo.world_size, excluded, step)

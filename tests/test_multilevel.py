@@ -29,6 +29,7 @@ from dcp_datastates import (
     DataStatesWriter,
     MultiLevelConfig,
     TierConfigError,
+    UnverifiedCheckpointError,
     restore,
     shutdown_tiers,
 )
@@ -311,6 +312,34 @@ def test_a_flipped_bit_in_the_local_copy_is_caught_and_the_file_comes_from_the_n
     assert result.step == 1 and result.attempts == 2 and result.bytes_shared > 0
     assert result.sources[victim.name] == "shared"
     assert out["step"] == 1 and torch.equal(out["w"], values(1)["w"])
+
+
+def test_under_an_integrity_key_a_forged_copy_is_never_a_source_and_a_wrong_key_never_starts_fresh(
+        tmp_path, solo, caplog, monkeypatch):
+    from test_integrity_policy import forge
+
+    monkeypatch.delenv("DCP_DATASTATES_INTEGRITY_KEY", raising=False)
+    tiers = MultiLevelConfig(local_dir=f"{tmp_path}/local/{{node}}")
+    sized = dict(io_engine="threads", chunk_bytes=8192, host_pool_bytes=4 * 8192, multilevel=tiers)
+    keyed = DataStatesConfig(integrity_key="0123456789abcdef" * 2, **sized)
+    async_save(tmp_path, 1, keyed)
+    assert flush_tiers(60)
+    forge(tmp_path / "local/solo/step-1", keep_mac=True)  # data edited; checksums, side file, digest recomputed
+    out = {"w": torch.zeros(3000), "step": -1}
+    with caplog.at_level(logging.WARNING, logger="dcp_datastates"):
+        result = restore(out, tmp_path / "shared", keyed)
+    assert "does not verify under your integrity key" in caplog.text
+    assert result.step == 1 and result.bytes_local == 0 and result.bytes_shared > 0
+    assert out["step"] == 1 and torch.equal(out["w"], values(1)["w"])
+    # another key refuses every copy: a typed error, never a silent fresh start (None)
+    with pytest.raises(UnverifiedCheckpointError, match="can be restored as an integrity key"):
+        restore(out, tmp_path / "shared", DataStatesConfig(integrity_key="f" * 32, **sized))
+    shutil.rmtree(tmp_path / "shared/step-1")  # only the forged copy is left
+    with pytest.raises(UnverifiedCheckpointError, match="1 refused"):
+        restore(out, tmp_path / "shared", keyed)
+    # the path matters: without the key, the forged copy is what a restore reads (the documented limit)
+    result = restore(out, tmp_path / "shared", DataStatesConfig(**sized))
+    assert result.bytes_local > 0 and result.bytes_shared == 0 and not torch.equal(out["w"], values(1)["w"])
 
 
 def test_a_save_that_does_not_fit_locally_goes_to_the_shared_path_with_a_warning(tmp_path, solo, monkeypatch, caplog):
