@@ -28,7 +28,7 @@ from dcp_datastates.commit import commit_checkpoint, has_complete_checkpoint, pr
 from dcp_datastates.errors import CheckpointExistsError
 from dcp_datastates.save_claim import DirectoryIdentity, DirectoryLock
 from dcp_datastates.tier_comm import all_reduce_int
-from dcp_datastates.tier_files import Pin, copy_file, remove_files
+from dcp_datastates.tier_files import Pin, copy_file, remove_files, remove_stale_temporaries
 
 logger = logging.getLogger("dcp_datastates")
 
@@ -148,6 +148,7 @@ class Drainer:
                     commit_checkpoint(identity, job.metadata_bytes, job.save_tag,
                                       fsync=job.fsync, required=job.required, keep=set(job.required))
                     published = 1
+                    remove_stale_temporaries(job.shared_dir)  # of drains of this step that were killed
                 except BaseException as exc:  # noqa: BLE001
                     error = exc
         finally:

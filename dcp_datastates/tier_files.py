@@ -19,6 +19,7 @@ import fcntl
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -92,6 +93,7 @@ def commit_copy(directory: Path, metadata_bytes: bytes, manifest: Manifest, requ
     write_durably(directory, MANIFEST_FILE, manifest.to_json(), fsync=fsync)
     commit_checkpoint(identity, metadata_bytes, manifest.save_tag, fsync=fsync, required=required,
                       keep=set(required) | {MANIFEST_FILE})
+    remove_stale_temporaries(directory)
 
 
 def write_durably(directory: Path, name: str, data: bytes, *, fsync: bool) -> None:
@@ -101,6 +103,10 @@ def write_durably(directory: Path, name: str, data: bytes, *, fsync: bool) -> No
         while view:
             view = view[os.write(new.fd, view):]
         new.publish(fsync=fsync)
+
+
+#: ``NewFile``'s temporary names: ``<name>.<16 hex digits>.part``.
+_TEMPORARY = re.compile(r".+\.[0-9a-f]{16}\.part")
 
 
 class NewFile:
@@ -159,6 +165,32 @@ class NewFile:
         if not self.published:
             self.dir.remove(self.tmp)
         self.dir.close()
+
+
+def remove_stale_temporaries(directory: Path) -> list[str]:
+    """Unlink what interrupted copies left under ``NewFile`` temporary names (``<name>.<16 hex>.part``).
+
+    A copy killed mid-file (a node lost, SIGKILL) leaves its temporary file. Called right after a
+    copy of ``directory`` is committed -- every rank of the job has finished writing into it, and
+    the directory is locked -- so what is left under such a name is no live copy's. Only regular
+    files with one name are removed; links and anything else are left alone.
+    """
+    removed = []
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return removed
+    for entry in entries:
+        if _TEMPORARY.fullmatch(entry.name) is None:
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+                os.unlink(entry.path)
+                removed.append(entry.name)
+        except OSError:
+            pass
+    return removed
 
 
 def open_source(path: Path) -> int:

@@ -186,11 +186,14 @@ def main() -> None:
 
 
 def _simulated_crash(step: int, rank: int, line: str) -> None:
-    """Every rank dies here, mid-save: no Python cleanup, no commit, no collective left to fail."""
+    """Every rank dies here, mid-save: no Python cleanup, no commit, no collective of the save left to fail."""
     if rank == 0:
         print(line, flush=True)
         print(f"simulated crash at step {step} (--kill-at {step}): every rank exits now with status 17, in the middle "
               f"of the step-{step} save; run the same command without --kill-at to resume", flush=True)
+    # on the training group (the save runs on its own): rank 0 has said why before any rank dies --
+    # else the launcher may kill rank 0 for another rank's exit before it prints
+    dist.barrier()
     sys.stderr.flush()
     os._exit(17)
 

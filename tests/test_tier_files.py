@@ -176,3 +176,44 @@ def test_a_copy_directory_that_is_a_link_is_refused(tmp_path, outside):
     make_copy_dir(tmp_path / "partner" / "step-4")  # a new real one is made, parents too
     make_copy_dir(tmp_path / "a" / "b")
     assert (tmp_path / "a" / "b").is_dir() and list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_a_committed_copy_removes_what_killed_copies_left_and_nothing_else(tmp_path, outside):
+    from dcp_datastates.tier_files import remove_stale_temporaries
+
+    left = ["data.distcp.0123456789abcdef.part", "data.distcp.fedcba9876543210.part"]
+    for name in left:
+        (tmp_path / name).write_bytes(b"half a file")
+    kept = ["other.distcp.0123456789abcdef.part", "data.distcp.part", "data.distcp.0123.part", "data.distcp"]
+    for name in kept:
+        (tmp_path / name).write_bytes(b"not ours to remove")
+    plant(tmp_path / "data.distcp.aaaaaaaaaaaaaaaa.part", "symlink", outside)
+    plant(tmp_path / "data.distcp.bbbbbbbbbbbbbbbb.part", "hardlink", outside)
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted(left + ["other.distcp.0123456789abcdef.part"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        kept[1:] + ["data.distcp.aaaaaaaaaaaaaaaa.part", "data.distcp.bbbbbbbbbbbbbbbb.part", "outside.bin"])
+    assert outside.read_bytes() == OUTSIDE
+
+
+def test_a_drain_killed_mid_file_leaves_a_temporary_the_next_committed_drain_of_the_step_removes(tmp_path, monkeypatch):
+    monkeypatch.setenv(NODE_ENV, "solo")
+    real = drain.copy_one
+
+    def copy_then_fail(source: Path, target: Path, fsync: bool) -> int:
+        # what a killed drain leaves: a temporary file under the name NewFile would give it
+        (target.parent / f"{target.name}.{'c' * 16}.part").write_bytes(source.read_bytes()[:100])
+        raise OSError("the drain died here")
+
+    monkeypatch.setattr(drain, "copy_one", copy_then_fail)
+    try:
+        async_save(tmp_path, 1, ml_config(tmp_path))
+        assert flush_tiers(60)
+        shared = tmp_path / "shared/step-1"
+        assert not (shared / ".metadata").exists() and any(p.name.endswith(".part") for p in shared.iterdir())
+        monkeypatch.setattr(drain, "copy_one", real)
+        async_save(tmp_path, 1, ml_config(tmp_path))  # the job saves step 1 again after its restart
+        assert flush_tiers(60)
+    finally:
+        assert shutdown_tiers(60)
+    assert not any(p.name.endswith(".part") for p in shared.iterdir())
+    assert_loads(shared, 1)
