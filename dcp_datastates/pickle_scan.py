@@ -279,7 +279,7 @@ def scan_pickle(data: bytes, source: str, policy: ScanPolicy) -> list[tuple[str,
         """The key cells of a mapping built from ``(key, value)`` pairs; refused unless every element is one."""
         keys = []
         for pair in pairs:
-            aux = pair[AUX] if pair[KIND] == TUPLE and len(pair) > AUX else None
+            aux = pair[AUX] if pair[KIND] == TUPLE else None
             if aux is None or aux is _MANY or len(aux) != 2:
                 raise fail(f"it builds a mapping ({name}) from {_describe(pair)}, not from (key, value) pairs")
             keys.append(aux[0])

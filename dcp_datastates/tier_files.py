@@ -195,18 +195,23 @@ def remove_stale_temporaries(directory: Path) -> list[str]:
 
 def open_source(path: Path) -> int:
     """A read descriptor of the regular file ``path``: never through a link, never blocking on a FIFO."""
+    return _open_regular(path, os.O_RDONLY, "tier copies are never made through links; remove it, the copy is not "
+                         "made from it")
+
+
+def _open_regular(path: Path, flags: int, remedy: str) -> int:
+    """``os.open`` with ``flags`` that never follows a link or blocks on a FIFO, and keeps only a regular file."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
     except OSError as exc:
-        if exc.errno != errno.ELOOP:
+        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
             raise CheckpointIOError(exc.errno or errno.EIO, f"cannot open {path}: {exc.strerror or exc}") from exc
         fd = -1
     if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
         if fd >= 0:
             os.close(fd)
         raise CheckpointDirectoryChangedError(
-            f"{path} is not a regular file (a link or other entry put in place of a checkpoint file?); tier copies "
-            "are never made through links. Remove it; the copy is not made from it.")
+            f"{path} is not a regular file (a link or other entry put in place of ours?); {remedy}.")
     return fd
 
 
@@ -367,17 +372,7 @@ def step_directories(root: Path) -> list[Path]:
 # -- pins and pruning ---------------------------------------------------------------------------------
 def open_pin_file(directory: Path) -> int:
     """The pin file of a copy (created if missing): never through a link, a regular file only."""
-    try:
-        fd = os.open(directory / PIN_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), 0o644)
-    except OSError as exc:
-        if exc.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
-            raise
-        fd = -1
-    if fd < 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
-        if fd >= 0:
-            os.close(fd)
-        raise CheckpointDirectoryChangedError(f"{directory / PIN_FILE} is not a regular file (a link put there?); remove it")
-    return fd
+    return _open_regular(directory / PIN_FILE, os.O_RDWR | os.O_CREAT, "remove it")
 
 
 class Pin:
