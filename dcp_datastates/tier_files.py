@@ -23,6 +23,8 @@ import re
 import secrets
 import shutil
 import stat
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,15 +86,18 @@ class Manifest:
 
 
 def commit_copy(directory: Path, metadata_bytes: bytes, manifest: Manifest, required: dict[str, int], *, fsync: bool,
-                identity: DirectoryIdentity | None = None) -> None:
+                identity: DirectoryIdentity | None = None,
+                commit_point: Callable[[], AbstractContextManager[None]] | None = None) -> None:
     """Publish a tier copy in ``directory``: manifest, then ``.metadata`` (``commit.py``'s protocol).
 
     ``identity``: the directory the save started in (``save_claim``), when it is known.
+    ``commit_point``: the save's own (``shutdown.InFlightSave``), so that Ctrl-C or SIGTERM up to
+    the rename abandons the copy, as it abandons a single-tier save.
     """
     identity = identity if identity is not None and identity.path == directory else DirectoryIdentity.of(directory)
     write_durably(directory, MANIFEST_FILE, manifest.to_json(), fsync=fsync)
     commit_checkpoint(identity, metadata_bytes, manifest.save_tag, fsync=fsync, required=required,
-                      keep=set(required) | {MANIFEST_FILE})
+                      keep=set(required) | {MANIFEST_FILE}, commit_point=commit_point)
     remove_stale_temporaries(directory)
 
 

@@ -206,11 +206,19 @@ def finish(tier: TierSave, writer: "DataStatesWriter", metadata: Metadata, resul
         topo = tier.runtime.topology
         node_ranks = topo.ranks_on(topo.nodes[0])
         required = {name: size for r in node_ranks for name, size in tier.reports[r].files.items()}
-        claim = writer._claim
+        claim, interrupt = writer._claim, writer._interrupt
         commit_copy(writer.path, payload,
                     Manifest(tier.shared_path.name, writer.save_id[:8], topo.world_size, "local", topo.nodes[0], tuple(node_ranks)),
-                    required, fsync=writer.config.fsync, identity=claim.identity if claim is not None else None)
+                    required, fsync=writer.config.fsync, identity=claim.identity if claim is not None else None,
+                    commit_point=interrupt.commit_point if interrupt is not None else None)
         data = payload
+    except BaseException:
+        # Not published (Ctrl-C, SIGTERM, a refused commit): no copy of this save will ever be committed
+        # (the tier worker aborts on data=None), so this node's files of it go, as in a single-tier save
+        interrupt = writer._interrupt
+        if interrupt is not None and not interrupt.committing:
+            interrupt.remove_files(all_ranks=True)
+        raise
     finally:
         tier.runtime.post_metadata(tier.seq, data)
         writer._end_save()

@@ -297,6 +297,26 @@ def test_a_failed_commit_leaves_no_tier_copy_and_the_next_save_works(tmp_path, s
     assert_loads(tmp_path / "shared/step-3", 3)
 
 
+def test_an_abandon_right_before_the_local_commit_abandons_the_whole_save(tmp_path, solo, monkeypatch):
+    """Ctrl-C / SIGTERM / abandon_in_flight_saves() up to the local rename: no copy anywhere, as single-tier."""
+    from dcp_datastates import SaveAbandonedError, abandon_in_flight_saves, unwrap
+
+    config = ml_config(tmp_path)
+    async_save(tmp_path, 1, config)
+    real = tier_save.commit_copy
+    monkeypatch.setattr(tier_save, "commit_copy", lambda *a, **k: (abandon_in_flight_saves("a test's Ctrl-C"), real(*a, **k))[1])
+    with pytest.raises(BaseException) as caught:
+        async_save(tmp_path, 2, config)
+    assert isinstance(unwrap(caught.value), SaveAbandonedError), repr(caught.value)
+    monkeypatch.setattr(tier_save, "commit_copy", real)
+    assert flush_tiers(60)
+    assert [o.aborted for o in TierRuntime.current().outcomes] == [False, True]
+    step2 = tmp_path / "local/solo/step-2"
+    assert not (step2 / ".metadata").exists() and not any(p.name.startswith("__") for p in step2.iterdir())
+    assert not (tmp_path / "shared/step-2").exists()
+    assert_loads(tmp_path / "shared/step-1", 1)
+
+
 def test_a_flipped_bit_in_the_local_copy_is_caught_and_the_file_comes_from_the_next_copy(tmp_path, solo, caplog):
     config = ml_config(tmp_path)
     async_save(tmp_path, 1, config)
