@@ -144,6 +144,12 @@ class CheckpointDir:
             return False
 
 
+def only_ours(info: os.stat_result) -> bool:
+    """Whether cleanup may unlink the file ``info`` describes: regular, with one name. We never make
+    hard links, so a second name means someone linked it (over our name, or to keep it): not only ours."""
+    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1
+
+
 def check_still_linked(fd: int, name: str, dir_fd: int | None = None, shown: str | None = None) -> None:
     """Fail if the file written through ``fd`` is no longer what ``name`` (in ``dir_fd``) names.
 

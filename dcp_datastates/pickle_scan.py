@@ -69,7 +69,8 @@ _KIND_NAMES = ["number", "string", "tuple", "list", "dict", "set", "new object",
 # or a tuple (immutable values); in .metadata (no models) the most frequent cells have only the first five
 DEPTH, LENGTH, INNER, KIND, AUX, MODEL, WEIGHT = range(7)
 # AUX: TUPLE: its element cells when it has at most one (what a call's argument checks need), or two
-# in object mode (the (key, value) pairs of OrderedDict([...])), else _MANY; LIST: its element cells where a set()/Counter() call is about to take it, else None (kept
+# in object mode (the (key, value) pairs of OrderedDict([...])), else _MANY; LIST: its element cells
+# where a set()/Counter() call is about to take it, else None (kept
 # only there: a list of a million numbers must not cost a million cells); DICT, SET and FRESH: hash
 # counts (object mode); GLOBAL: its Callee; SHARED: what made it; STR: opcode position (STACK_GLOBAL)
 

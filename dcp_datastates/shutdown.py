@@ -38,6 +38,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dcp_datastates.dir_files import only_ours
 from dcp_datastates.errors import SaveAbandonedError, unwrap
 
 logger = logging.getLogger("dcp_datastates")
@@ -144,18 +145,16 @@ class InFlightSave:
         except OSError:
             return []
         for entry in entries:
-            # A regular file with one name only: we never create hard links, so a second name means the
-            # entry is not only ours (planted over our name) and unlinking it is not our call.
-            if pattern.match(entry.name) and entry.is_file(follow_symlinks=False) and _single_link(entry):
+            if pattern.match(entry.name) and _only_ours(entry):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
                     removed.append(entry.name)
         return removed
 
 
-def _single_link(entry: os.DirEntry[str]) -> bool:
+def _only_ours(entry: os.DirEntry[str]) -> bool:
     try:
-        return entry.stat(follow_symlinks=False).st_nlink == 1
+        return only_ours(entry.stat(follow_symlinks=False))
     except FileNotFoundError:
         return False
 

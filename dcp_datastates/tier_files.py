@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 
 from dcp_datastates.checksums import CHECKSUM_FILE_SUFFIX, MAX_CHECKSUM_FILE_BYTES, parse_checksum_file, read_regular_file, sha256_hex
 from dcp_datastates.commit import commit_checkpoint, fsync_directory
-from dcp_datastates.dir_files import CheckpointDir
+from dcp_datastates.dir_files import CheckpointDir, only_ours
 from dcp_datastates.directory import METADATA_FILE
 from dcp_datastates.errors import CheckpointDirectoryChangedError, CheckpointIOError, DataStatesError
 from dcp_datastates.integrity import IntegrityPolicy
@@ -138,6 +138,8 @@ class NewFile:
         except BaseException:
             self.dir.close()
             raise
+        created = os.fstat(self.fd)
+        self.inode = (created.st_dev, created.st_ino)  # cleanup removes this file, never one put in its place
         self.published = False
 
     def publish(self, *, fsync: bool) -> None:
@@ -168,7 +170,7 @@ class NewFile:
             os.close(self.fd)
             self.fd = -1
         if not self.published:
-            self.dir.remove(self.tmp)
+            self.dir.remove(self.tmp, self.inode)
         self.dir.close()
 
 
@@ -176,9 +178,9 @@ def remove_stale_temporaries(directory: Path) -> list[str]:
     """Unlink what interrupted copies left under ``NewFile`` temporary names (``<name>.<16 hex>.part``).
 
     A copy killed mid-file (a node lost, SIGKILL) leaves its temporary file. Called right after a
-    copy of ``directory`` is committed -- every rank of the job has finished writing into it, and
-    the directory is locked -- so what is left under such a name is no live copy's. Only regular
-    files with one name are removed; links and anything else are left alone.
+    copy of ``directory`` is committed -- every rank of the job has agreed that its part of the
+    copy is written -- so what is left under such a name is no live copy's. Only regular files with
+    one name are removed (``only_ours``); links and anything else are left alone.
     """
     removed = []
     try:
@@ -189,13 +191,13 @@ def remove_stale_temporaries(directory: Path) -> list[str]:
         if _TEMPORARY.fullmatch(entry.name) is None:
             continue
         try:
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(info.st_mode) and info.st_nlink == 1:
+            if only_ours(entry.stat(follow_symlinks=False)):
                 os.unlink(entry.path)
                 removed.append(entry.name)
         except OSError:
             pass
     return removed
+
 
 
 def open_source(path: Path) -> int:
@@ -255,10 +257,10 @@ def copy_file(source: Path, target: Path, *, fsync: bool) -> int:
 
 
 def remove_files(directory: Path, names: list[str]) -> None:
-    """Unlink ``names`` in ``directory`` where they are regular files (never following a link)."""
+    """Unlink ``names`` in ``directory`` where they are files ``only_ours`` (never following a link)."""
     for name in names:
         try:
-            if stat.S_ISREG(os.lstat(directory / name).st_mode):
+            if only_ours(os.lstat(directory / name)):
                 (directory / name).unlink()
         except OSError:
             pass

@@ -217,3 +217,18 @@ def test_a_drain_killed_mid_file_leaves_a_temporary_the_next_committed_drain_of_
         assert shutdown_tiers(60)
     assert not any(p.name.endswith(".part") for p in shared.iterdir())
     assert_loads(shared, 1)
+
+
+def test_cleanup_removes_only_its_own_files(tmp_path, outside):
+    from dcp_datastates.tier_files import remove_files
+
+    new = NewFile(tmp_path, "data.distcp")
+    os.rename(tmp_path / new.tmp, tmp_path / "moved")  # someone takes our temporary file away ...
+    (tmp_path / new.tmp).write_bytes(b"someone else's")  # ... and puts theirs under its name
+    new.close()
+    assert (tmp_path / new.tmp).read_bytes() == b"someone else's"  # an unpublished file's cleanup left it
+    plant(tmp_path / "linked.distcp", "hardlink", outside)
+    (tmp_path / "mine.distcp").write_bytes(b"ours")
+    remove_files(tmp_path, ["linked.distcp", "mine.distcp"])
+    assert (tmp_path / "linked.distcp").exists() and not (tmp_path / "mine.distcp").exists()
+    assert outside.read_bytes() == OUTSIDE
