@@ -4,8 +4,11 @@ The mirror of ``chunk_stream`` on the write side: a load checks out a pool of pa
 host buffers (pinned with CUDA, so host-to-device copies from them are asynchronous),
 keeps up to one read per buffer in flight through a read engine, and hands the caller
 each window in file order as soon as its bytes have landed -- while the reads of the
-following windows are still running. The caller verifies and delivers a window, then
-the buffer goes straight back into the queue for the next read.
+following windows are still running. A window is checked (its checksums) by the thread
+that saw its read complete, before the caller gets it: checking overlaps the caller's
+delivery of the windows before it instead of adding to it (the hash releases the GIL).
+The caller delivers a window, then the buffer goes straight back into the queue for the
+next read.
 
 Pools are kept per process and reused by later loads (allocation and pinning cost far
 more than reading into memory that is already there); a pool is used by one load at a
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -57,6 +61,11 @@ def release_idle_pools() -> int:
     return count
 
 
+#: ``check(window, data)``: raises if ``data`` (the window's bytes) is not what was saved;
+#: returns whether it checked anything (a file saved without checksums has nothing to check)
+WindowCheck = Callable[[Window, memoryview], bool]
+
+
 @dataclass
 class _Pending:
     window: Window
@@ -64,6 +73,8 @@ class _Pending:
     done: threading.Event
     error: BaseException | None = None
     nbytes: int = 0
+    checked: bool = False
+    check_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +82,8 @@ class LandedWindow:
     window: Window
     buffer: HostBuffer
     valid: int  # bytes of the buffer holding file data (short only at the end of the file)
+    checked: bool = False  # ``check`` passed on these bytes
+    check_seconds: float = 0.0  # what checking took (on the completing thread)
 
 
 def stream_windows(
@@ -79,6 +92,7 @@ def stream_windows(
     engine: ReadEngine,
     pool: HostBufferPool,
     before_reuse: Callable[[HostBuffer], None] = lambda buffer: None,
+    check: WindowCheck | None = None,
 ) -> Iterator[LandedWindow]:
     """Yield every window, in order, once read; up to ``pool.count`` reads in flight.
 
@@ -87,7 +101,10 @@ def stream_windows(
     after the caller has moved on from its window and ``before_reuse`` (e.g. waiting for
     asynchronous device copies out of it) has returned. If the caller stops early (an error),
     every read still in flight is waited for before the buffers go back: the kernel must not
-    write into memory someone else owns.
+    write into memory someone else owns. ``check`` runs on each complete window as its read
+    completes (on the engine's thread); what it raises is raised to the caller in the
+    window's turn, so every window before it is still delivered. A short window (the file
+    shrank) is not checked: the caller names that itself.
     """
     pending: deque[_Pending] = deque()
     next_window = 0
@@ -97,6 +114,14 @@ def stream_windows(
         entry = _Pending(window, buffer, threading.Event())
 
         def on_done(error: BaseException | None, nbytes: int) -> None:
+            wanted = window.end - window.start
+            if error is None and check is not None and nbytes >= wanted:
+                started = time.perf_counter()
+                try:
+                    entry.checked = check(window, buffer.view[:wanted])
+                except BaseException as exc:  # noqa: BLE001 - raised to the caller in this window's turn
+                    error = exc
+                entry.check_seconds = time.perf_counter() - started
             entry.error, entry.nbytes = error, nbytes
             entry.done.set()
 
@@ -113,7 +138,8 @@ def stream_windows(
             entry.done.wait()
             if entry.error is not None:
                 raise entry.error
-            yield LandedWindow(entry.window, entry.buffer, min(entry.nbytes, entry.window.end - entry.window.start))
+            yield LandedWindow(entry.window, entry.buffer, min(entry.nbytes, entry.window.end - entry.window.start),
+                               entry.checked, entry.check_seconds)
             pending.popleft()
             before_reuse(entry.buffer)
             pool.release(entry.buffer)

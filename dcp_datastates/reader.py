@@ -315,7 +315,7 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             )
 
     def _stream(self, read_plan: ReadPlan, planner: LoadPlanner, tee: _Tee | None = None) -> None:
-        """Reads in flight through the engine; each window verified, then delivered, as it lands.
+        """Reads in flight through the engine; each window verified as it lands, then delivered in order.
 
         Files are opened when their first read is submitted and closed once their last window is
         delivered: a stock checkpoint of one file per tensor keeps only a few open.
@@ -350,13 +350,20 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                 opened[index] = fd
             return opened[index], path
 
+        def check(window: Window, data: memoryview) -> bool:
+            checksums = self.checksums.get(read_plan.files[window.file_index].relative_path)
+            if checksums is not None:
+                self._verify(window, data, checksums, read_plan.files[window.file_index].relative_path)
+            return checksums is not None
+
         def before_reuse(buffer: HostBuffer) -> None:
             for event in gpu_copies.pop(buffer.index, ()):
                 event.synchronize()
 
         try:
             with checkout_pool(read_plan.buffer_bytes, count, torch.cuda.is_available()) as pool, \
-                    contextlib.closing(stream_windows(read_plan.windows, open_file, engine, pool, before_reuse)) as landing:
+                    contextlib.closing(stream_windows(read_plan.windows, open_file, engine, pool, before_reuse,
+                                                     check)) as landing:
                 # closing(): on an error, wait for the reads in flight and return their buffers right here
                 clock = time.perf_counter()
                 for number, landed in enumerate(landing):
@@ -373,12 +380,10 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
                             f"offset {window.start}, got {landed.valid} (holds {window.records[0].item.storage_index.fqn!r}); "
                             "the checkpoint is damaged"
                         )
-                    checksums = self.checksums.get(relative_path)
-                    if checksums is not None:
-                        self._verify(window, buffer.view[: landed.valid], checksums, relative_path)
+                    if landed.checked:  # verified as it landed, while earlier windows were delivered
                         stats.bytes_verified += landed.valid
-                    clock = time.perf_counter()
-                    stats.verify_seconds += clock - now
+                    stats.verify_seconds += landed.check_seconds
+                    clock = now
                     devices: set[torch.device] = set()
                     address = buffer.tensor.data_ptr()
                     for record in window.records:
@@ -472,7 +477,7 @@ class ReadStats:
     records: int = 0
     framed: int = 0  # tensor records decoded from our framing straight into their destination
     wait_seconds: float = 0.0  # waiting for reads to land
-    verify_seconds: float = 0.0  # checksumming landed windows
+    verify_seconds: float = 0.0  # checksumming landed windows (on the engine's threads, beside waits and delivery)
     deliver_seconds: float = 0.0  # decoding and copying into destinations
     #: asynchronous host-to-device copies out of the (pinned) read buffers into GPU destinations
     device_copies: int = 0

@@ -400,3 +400,44 @@ def test_a_stock_checkpoint_of_a_file_per_tensor_keeps_few_files_open(tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert all(torch.equal(target[k], v) for k, v in state.items())
+
+
+@pytest.mark.parametrize("name", ENGINES)
+def test_windows_are_checked_on_the_engine_thread_and_a_failed_check_is_raised_in_its_turn(tmp_path, name):
+    """The check runs where the read completed (not the caller's thread), sees exactly the window's bytes,
+    and what it raises reaches the caller only after every window before it was delivered."""
+    import threading
+
+    from dcp_datastates.read_plan import Window
+
+    payload = bytes(range(256)) * 64 * 10  # 160 KiB = ten 16 KiB windows, the last one short of its read
+    (tmp_path / "f").write_bytes(payload[:-100])
+    size, step = len(payload) - 100, 16384
+    windows = [Window(0, start, min(start + step, size), step) for start in range(0, size, step)]
+    seen: dict[int, tuple[bytes, str]] = {}
+
+    def check(window: Window, data: memoryview) -> bool:
+        seen[window.start] = (bytes(data), threading.current_thread().name)
+        if window.start == 6 * step:
+            raise ChecksumMismatchError(f"window at {window.start}")
+        return window.start != 2 * step  # "no checksums for this one"
+
+    opened = open_for_read(str(tmp_path / "f"), False)
+    engine = create_read_engine(name, io_threads=2, queue_depth=4)
+    delivered: list[tuple[int, bytes, bool]] = []
+    try:
+        with read_stream.checkout_pool(step, 3, False) as pool:
+            with pytest.raises(ChecksumMismatchError, match=f"window at {6 * step}"):
+                for landed in read_stream.stream_windows(windows, lambda index: (opened.fd, "f"), engine, pool,
+                                                         check=check):
+                    delivered.append((landed.window.start, bytes(landed.buffer.view[: landed.valid]), landed.checked))
+            assert pool.in_use == 0
+    finally:
+        engine.close()
+        os.close(opened.fd)
+    assert [start for start, _, _ in delivered] == [i * step for i in range(6)]
+    for start, data, checked in delivered:
+        assert data == payload[start:start + step] == seen[start][0]
+        assert checked == (start != 2 * step)
+    assert seen[6 * step][0] == payload[6 * step:7 * step]
+    assert all(thread != threading.current_thread().name for _, thread in seen.values())
