@@ -351,10 +351,12 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             return opened[index], path
 
         def check(window: Window, data: memoryview) -> bool:
-            checksums = self.checksums.get(read_plan.files[window.file_index].relative_path)
-            if checksums is not None:
-                self._verify(window, data, checksums, read_plan.files[window.file_index].relative_path)
-            return checksums is not None
+            relative_path = read_plan.files[window.file_index].relative_path
+            checksums = self.checksums.get(relative_path)
+            if checksums is None:  # saved without checksums, or verify_checksums=False
+                return False
+            self._verify(window, data, checksums, relative_path)
+            return True
 
         def before_reuse(buffer: HostBuffer) -> None:
             for event in gpu_copies.pop(buffer.index, ()):
