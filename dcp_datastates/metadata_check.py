@@ -193,6 +193,11 @@ class _Checker:
         self.source = source
         self.trust = trust
         self.budget = budget
+        # sizes and properties already checked, by id (alive as long as the metadata holding them): a
+        # ``.metadata`` shares equal ones among its entries, and each is checked once; one table per
+        # type, so an object checked as one kind is never taken for the other
+        self.sizes: dict[int, tuple[int, ...]] = {}
+        self.props: dict[int, dict[str, Any]] = {}
 
     def fail(self, what: str) -> CorruptCheckpointError:
         return CorruptCheckpointError(
@@ -235,12 +240,31 @@ class _Checker:
         return value
 
     def size(self, value: object, where: str) -> tuple[int, ...]:
+        known = self.sizes.get(id(value))
+        if known is not None:
+            return known
         if type(value) is not torch.Size:
             raise self.fail(f"{where} is a {type(value).__name__}, not a torch.Size")
         if len(value) > MAX_DIMS:
             raise self.fail(f"{where} has {len(value)} dimensions")
         self.spend(len(value))
-        return tuple(self.integer(v, where) for v in value)
+        self.sizes[id(value)] = checked = tuple(self.integer(v, where) for v in value)
+        return checked
+
+    def properties(self, value: object, where: str) -> dict[str, Any]:
+        """A tensor's ``TensorProperties``: of the types DCP builds them from."""
+        known = self.props.get(id(value))
+        if known is not None:
+            return known
+        props = self.fields(value, where)
+        for name, kind in (("dtype", torch.dtype), ("layout", torch.layout), ("memory_format", torch.memory_format)):
+            if type(props[name]) is not kind:
+                raise self.fail(f"{where} has a {name} of type {type(props[name]).__name__}")
+        for name in ("requires_grad", "pin_memory"):
+            if type(props[name]) is not bool:
+                raise self.fail(f"{where} has a non-boolean {name}")
+        self.props[id(value)] = props
+        return props
 
     def plain(self, value: object, where: str) -> None:
         """Only data: strings, numbers, None, bytes and containers of them (walked without recursion)."""
@@ -320,14 +344,7 @@ def validate_metadata(metadata: object, source: str, *, trust: bool = False, bud
         if type(md) is not TensorStorageMetadata:
             raise c.fail(f"entry {fqn!r} is a {type(md).__name__}, not tensor or object metadata")
         tensor = c.fields(md, repr(fqn))
-        props = c.fields(tensor["properties"], f"{fqn!r} properties")
-        checks = (("dtype", torch.dtype), ("layout", torch.layout), ("memory_format", torch.memory_format))
-        for name, kind in checks:
-            if type(props[name]) is not kind:
-                raise c.fail(f"{fqn!r} has a {name} of type {type(props[name]).__name__}")
-        for name in ("requires_grad", "pin_memory"):
-            if type(props[name]) is not bool:
-                raise c.fail(f"{fqn!r} has a non-boolean {name}")
+        props = c.properties(tensor["properties"], f"{fqn!r} properties")
         shape = c.size(tensor["size"], f"{fqn!r} size")
         element = props["dtype"].itemsize
         numel = math.prod(shape)
@@ -464,18 +481,42 @@ def metadata_digest(metadata: Metadata) -> str:
     facts -- every side file and its SHA-256, whether the save had checksums, the key id --
     so emptying the list of side files, or any other edit of the seal, is detected.
     """
+    # Each entry's part is ``repr((fqn, dtype, layout, requires_grad, memory_format, pin_memory, size,
+    # chunks))``, assembled from the reprs of its pieces; a ``.metadata`` shares equal properties, sizes
+    # and chunks among entries, so each piece's repr is made once per object (one table per kind).
+    props_of: dict[int, str] = {}
+    size_of: dict[int, str] = {}
+    chunk_of: dict[int, str] = {}
+
+    def props_repr(p: Any) -> str:
+        known = props_of.get(id(p))
+        if known is None:
+            props_of[id(p)] = known = repr((str(p.dtype), str(p.layout), p.requires_grad, str(p.memory_format),
+                                            p.pin_memory))[1:-1]
+        return known
+
+    def size_repr(size: Any) -> str:
+        known = size_of.get(id(size))
+        if known is None:
+            size_of[id(size)] = known = repr(tuple(size))
+        return known
+
+    def chunk_repr(ch: Any) -> str:
+        known = chunk_of.get(id(ch))
+        if known is None:
+            chunk_of[id(ch)] = known = f"({size_repr(ch.offsets)}, {size_repr(ch.sizes)})"
+        return known
+
     parts: list[str] = []
     for fqn, md in metadata.state_dict_metadata.items():
         if isinstance(md, TensorStorageMetadata):
-            p = md.properties
-            chunks = [(tuple(ch.offsets), tuple(ch.sizes)) for ch in md.chunks]
-            parts.append(repr((fqn, str(p.dtype), str(p.layout), p.requires_grad, str(p.memory_format),
-                               p.pin_memory, tuple(md.size), chunks)))
+            chunks = ", ".join([chunk_repr(ch) for ch in md.chunks])
+            parts.append(f"({fqn!r}, {props_repr(md.properties)}, {size_repr(md.size)}, [{chunks}])")
         else:
             parts.append(repr((fqn, "object")))
     for index, info in (metadata.storage_data or {}).items():
-        offset = None if index.offset is None else tuple(index.offset)
-        parts.append(repr((index.fqn, offset, info.relative_path, info.offset, info.length)))
+        offset = "None" if index.offset is None else size_repr(index.offset)
+        parts.append(f"({index.fqn!r}, {offset}, {info.relative_path!r}, {info.offset!r}, {info.length!r})")
     planner_data = metadata.planner_data
     plain = True
     try:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
 from dcp_datastates.checksums import checksum_file_name, read_regular_file, sha256_hex, MAX_CHECKSUM_FILE_BYTES
-from dcp_datastates.commit import has_complete_checkpoint
+from dcp_datastates.commit import has_complete_checkpoint, pickle_metadata
 from dcp_datastates.errors import CheckpointExistsError, CheckpointIOError
 from dcp_datastates.integrity import IntegrityPolicy
 from dcp_datastates.metadata_check import seal_metadata_with
@@ -202,7 +201,7 @@ def finish(tier: TierSave, writer: "DataStatesWriter", metadata: Metadata, resul
         metadata.version = "1.0.0"
         seal_metadata_with(metadata, {name: sha for r in tier.reports for name, sha in r.side_digests.items()},
                            checksums=writer.config.checksums, key=IntegrityPolicy.of(writer.config).key)
-        payload = pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle_metadata(metadata)
         topo = tier.runtime.topology
         node_ranks = topo.ranks_on(topo.nodes[0])
         required = {name: size for r in node_ranks for name, size in tier.reports[r].files.items()}

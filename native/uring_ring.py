@@ -14,9 +14,13 @@ say only how an operation is prepared and what a completion means.
 
 from __future__ import annotations
 
+import fcntl
+import importlib.util
 import os
 import threading
 from abc import abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +30,8 @@ from dcp_datastates.native.workers import start_without_interrupts
 _WAKE_UP = 0  # user_data reserved for "no request": never assigned to an operation
 
 # The binding resolves its attributes lazily (dynamic-import), which is not thread-safe:
-# two snapshots starting at once could see a half-initialised module. Load it once, locked.
+# two snapshots starting at once could see a half-initialised module. Load it once, locked
+# (and, across processes, see ``_import_binding``).
 _BINDING_ATTRIBUTES = (
     "io_uring", "io_uring_cqe", "io_uring_queue_init", "io_uring_register_eventfd", "io_uring_get_sqe",
     "io_uring_prep_write", "io_uring_prep_read", "io_uring_submit", "io_uring_peek_cqe", "io_uring_cqe_seen",
@@ -34,19 +39,94 @@ _BINDING_ATTRIBUTES = (
 )
 _binding_lock = threading.Lock()
 _binding: Any = None
+_binding_failure: Exception | None = None
 
 
 def load_binding() -> Any:
-    """The liburing module with every attribute the engines use resolved once, under a lock."""
-    global _binding
+    """The liburing module with every attribute the engines use resolved once, under a lock.
+
+    A failed import is remembered and raised again: importing the binding a second time after
+    a failure yields an empty module, whose "no attribute 'io_uring'" would hide the cause.
+    """
+    global _binding, _binding_failure
     with _binding_lock:
         if _binding is None:
-            import liburing
-
-            for name in _BINDING_ATTRIBUTES:
-                getattr(liburing, name)
-            _binding = liburing
+            if _binding_failure is not None:
+                raise _binding_failure
+            try:
+                _binding = _import_binding()
+            except Exception as exc:  # ImportError, or a binding that fails to load
+                _binding_failure = exc
+                raise
         return _binding
+
+
+def _import_binding() -> Any:
+    """``import liburing`` with its attributes resolved, without writing into the installed package.
+
+    The binding's loader (dynamic-import, which liburing 2024.5.3 uses) removes and rewrites a
+    cache file inside the installed package on every import, though it never reads it back (it
+    rescans the package each time). Where the package is read-only -- a container image, a
+    cluster's shared software tree, a non-root user of a system install -- the import fails
+    (EROFS, EACCES) and io_uring is lost; where ranks start together they race on the file, and
+    one sees it vanish mid-import (``FileNotFoundError``). So the import runs with the loader's
+    cache writes off, and, in case a loader we do not know writes anyway, one process of the
+    machine at a time (an exclusive ``flock`` on the package's ``__init__.py``, opened read-only).
+    """
+    with _one_process_at_a_time(), _without_loader_cache_writes():
+        import liburing  # not installed: the ImportError says so
+
+        for name in _BINDING_ATTRIBUTES:
+            getattr(liburing, name)
+        return liburing
+
+
+@contextmanager
+def _one_process_at_a_time() -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the binding's ``__init__.py`` (no lock where it cannot be opened)."""
+    try:
+        spec = importlib.util.find_spec("liburing")
+    except (ImportError, ValueError):  # ValueError: blocked in sys.modules (None)
+        spec = None
+    try:
+        fd = os.open(spec.origin, os.O_RDONLY | os.O_CLOEXEC) if spec is not None and spec.origin else -1
+    except OSError:
+        fd = -1
+    try:
+        if fd >= 0:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock
+
+
+_LOADER_CACHE_STEPS = ("exists", "create_cache_dir", "dump_cache", "add_record")
+
+
+@contextmanager
+def _without_loader_cache_writes() -> Iterator[None]:
+    """While the binding is imported, dynamic-import's loader finds no cache file and writes none.
+
+    Its ``importer`` then scans the package, as it does anyway, and skips creating the cache
+    directory, writing the cache and recording it in the package's ``RECORD``. Another loader
+    (other names) is left alone.
+    """
+    try:
+        loader = importlib.import_module("dynamic_import.importer")
+    except ImportError:
+        loader = None
+    if loader is None or not all(callable(getattr(loader, name, None)) for name in _LOADER_CACHE_STEPS):
+        yield
+        return
+    saved = {name: getattr(loader, name) for name in _LOADER_CACHE_STEPS}
+    loader.exists = lambda path: False
+    loader.create_cache_dir = loader.dump_cache = loader.add_record = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        for name, step in saved.items():
+            setattr(loader, name, step)
 
 
 _problem_lock = threading.Lock()

@@ -150,6 +150,106 @@ def test_io_uring_is_available_where_the_kernel_allows_it(tmp_path):
     assert size == 5000 and (tmp_path / "f").read_bytes() == b"\x5a" * 5000
 
 
+_RECORD_PACKAGE_WRITES = """
+import os, sys
+from importlib.util import find_spec
+package = os.path.dirname(find_spec("liburing").origin)
+writes = []
+def hook(event, args):
+    if event == "open" and args[0] and str(args[0]).startswith(package) and (args[2] or 0) & (os.O_WRONLY | os.O_RDWR):
+        writes.append(("open", str(args[0])))
+    elif event in ("os.remove", "os.mkdir", "os.rename") and str(args[0]).startswith(package):
+        writes.append((event, str(args[0])))
+sys.addaudithook(hook)
+from dcp_datastates.native.uring_ring import io_uring_problem
+print(io_uring_problem(), writes)
+"""
+
+
+def _io_uring_or_skip() -> None:
+    why_not = io_uring_not_expected() or io_uring_blocked()
+    if why_not is not None:
+        pytest.skip(f"io_uring unavailable here: {why_not}")
+
+
+def test_importing_the_binding_writes_nothing_into_the_installed_package():
+    """The binding's loader rewrites a cache file in its package on every import; ours must not."""
+    import subprocess
+    import sys
+
+    _io_uring_or_skip()
+    out = subprocess.run([sys.executable, "-c", _RECORD_PACKAGE_WRITES], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "None []", out.stdout + out.stderr
+
+
+def test_io_uring_works_from_a_read_only_install(tmp_path):
+    """A read-only site-packages (container image, shared software tree): io_uring still loads, and saves."""
+    import shutil
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    _io_uring_or_skip()
+    package = os.path.dirname(find_spec("liburing").origin)
+    save = (f"import torch, torch.distributed.checkpoint as dcp; from dcp_datastates import DataStatesConfig, "
+            f"DataStatesWriter; dcp.save({{'w': torch.arange(4096.0)}}, no_dist=True, storage_writer="
+            f"DataStatesWriter({str(tmp_path / 'c')!r}, DataStatesConfig(io_engine='io_uring'))); print('SAVED')")
+    script = (f"mount --bind {package} {package} && mount -o remount,ro,bind {package} || exit 3; echo MOUNTED; "
+              f"test -w {package} && echo WRITABLE; exec {sys.executable} -c \"$0\"")
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1) to mount the package read-only")
+    proc = subprocess.run(["unshare", "-m", "bash", "-c", script, save], capture_output=True, text=True, timeout=180)
+    if "MOUNTED" not in proc.stdout:
+        pytest.skip(f"cannot mount read-only here (needs root in a mount namespace): {proc.stderr.strip()[:200]}")
+    assert proc.stdout.split() == ["MOUNTED", "SAVED"], proc.stdout + proc.stderr  # no WRITABLE
+    loaded = {"w": torch.zeros(4096)}
+    dcp.load(loaded, storage_reader=DataStatesReader(tmp_path / "c"), no_dist=True)
+    assert torch.equal(loaded["w"], torch.arange(4096.0))
+
+
+def test_ranks_importing_the_binding_at_once_all_get_io_uring():
+    """Eight processes (as eight ranks of a node) probing io_uring at the same moment all get it.
+
+    Left to itself, the binding's loader rewrites a cache file inside the installed package on
+    each import, and about one process in fifty saw it vanish and lost io_uring (an ``auto``
+    writer quietly on threads, an ``io_uring`` one refused).
+    """
+    import subprocess
+    import sys
+
+    _io_uring_or_skip()
+    # each process imports our package, then waits for the common start time to import the binding
+    probe = ("import sys, time; from dcp_datastates.native.uring_ring import io_uring_problem; "
+             "time.sleep(max(0.0, float(sys.argv[1]) - time.time())); print(io_uring_problem())")
+    outcomes = []
+    for _ in range(8):
+        start = str(time.time() + 1.5)
+        procs = [subprocess.Popen([sys.executable, "-c", probe, start], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(8)]
+        outcomes += [proc.communicate(timeout=120)[0].strip() for proc in procs]
+    failed = [out for out in outcomes if out != "None"]
+    assert not failed, f"{len(failed)} of {len(outcomes)} processes lost io_uring: {failed[0]}"
+
+
+def test_a_failed_binding_import_is_raised_again_not_retried(monkeypatch):
+    """A retried ``import liburing`` after a failed one gives an empty module; the first cause is what users see."""
+    from dcp_datastates.native import uring_ring
+
+    calls = []
+
+    def failing_import():
+        calls.append(1)
+        raise FileNotFoundError(2, "No such file or directory", "__init__.importer-311.pyc")
+
+    monkeypatch.setattr(uring_ring, "_binding", None)
+    monkeypatch.setattr(uring_ring, "_binding_failure", None)
+    monkeypatch.setattr(uring_ring, "_import_binding", failing_import)
+    for _ in range(2):
+        with pytest.raises(EngineUnavailable, match=r"cannot be imported \(\[Errno 2\].*importer-311"):
+            create_engine("io_uring", io_threads=1, queue_depth=2)
+    assert calls == [1]
+
+
 def fd_flags(fd: int) -> int:
     """The open flags the kernel holds for ``fd`` (octal ``flags:`` line of /proc/self/fdinfo)."""
     for line in open(f"/proc/self/fdinfo/{fd}"):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
@@ -127,3 +129,71 @@ def test_pool_is_allocated_once_and_reused_across_saves(tmp_path, engine):
     out = {"x": torch.zeros(50_000)}
     dcp.load(out, storage_reader=DataStatesReader(tmp_path / "c2"), no_dist=True)
     assert torch.equal(out["x"], state["x"])
+
+
+def test_metadata_pickles_equal_small_values_once_and_stock_dcp_reads_it(tmp_path, make_writer):
+    """Equal properties, sizes and chunk records in ``.metadata`` are one object each (the pickle refers
+    back to it instead of rebuilding it); the values are exactly stock DCP's, and both readers load it."""
+    state: dict = {f"f{i}": torch.full((16,), float(i)) for i in range(300)}
+    state |= {f"h{i}": torch.arange(i + 1, dtype=torch.float16) for i in range(3)}
+    state |= {"m": torch.arange(6, dtype=torch.int64).reshape(2, 3), "extra": {"lr": 0.5, "step": 7}}
+    dcp.save(state, storage_writer=make_writer(tmp_path / "ours"), no_dist=True)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "stock"), no_dist=True)
+    ours = pickle.loads((tmp_path / "ours" / ".metadata").read_bytes())
+    stock = pickle.loads((tmp_path / "stock" / ".metadata").read_bytes())
+
+    assert ours.state_dict_metadata == stock.state_dict_metadata  # the same values as stock DCP's
+    f = [ours.state_dict_metadata[f"f{i}"] for i in range(300)]
+    assert all(m.properties is f[0].properties and m.size is f[0].size for m in f)
+    assert all(m.chunks[0] is f[0].chunks[0] for m in f)
+    h0, h1, m = (ours.state_dict_metadata[k] for k in ("h0", "h1", "m"))
+    assert h0.properties is h1.properties and h0.properties.dtype == torch.float16
+    assert h0.properties is not f[0].properties and m.properties.dtype == torch.int64
+    assert h0.size is not h1.size and h0.chunks[0].offsets is f[0].chunks[0].offsets  # (0,) shared, (1,) != (2,)
+    offsets = [index.offset for index in ours.storage_data if index.fqn.startswith("f")]
+    assert len(offsets) == 300 and all(o is offsets[0] for o in offsets)
+    assert all(MetadataIndex(f"f{i}", torch.Size([0])) in ours.storage_data for i in range(300))  # keys still hash
+    stock_pickle = pickle.dumps(stock, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len((tmp_path / "ours" / ".metadata").read_bytes()) < 0.8 * len(stock_pickle)
+
+    for reader in (DataStatesReader(tmp_path / "ours"), dcp.FileSystemReader(tmp_path / "ours")):
+        assert_state_equal(load_with(reader, state), state)  # ours verifies the seal over these values
+
+
+def _digest_reference(metadata) -> str:
+    """The seal's digest as first specified: one repr per entry (sealed checkpoints must keep verifying)."""
+    parts = []
+    for fqn, md in metadata.state_dict_metadata.items():
+        if isinstance(md, TensorStorageMetadata):
+            p = md.properties
+            chunks = [(tuple(ch.offsets), tuple(ch.sizes)) for ch in md.chunks]
+            parts.append(repr((fqn, str(p.dtype), str(p.layout), p.requires_grad, str(p.memory_format),
+                               p.pin_memory, tuple(md.size), chunks)))
+        else:
+            parts.append(repr((fqn, "object")))
+    for index, info in metadata.storage_data.items():
+        offset = None if index.offset is None else tuple(index.offset)
+        parts.append(repr((index.fqn, offset, info.relative_path, info.offset, info.length)))
+    return "\n".join(parts)
+
+
+def test_seal_digest_of_shared_and_unshared_metadata_is_the_specified_one(tmp_path, make_writer, monkeypatch):
+    """The digest built from per-object reprs equals the one-repr-per-entry definition, byte for byte."""
+    import dcp_datastates.metadata_check as metadata_check
+
+    state = {"a": torch.ones(4, 3), "b": torch.ones(4, 3, dtype=torch.bfloat16, requires_grad=True),
+             "c": torch.zeros(()), "d": torch.arange(5), "n": {"lr": 0.1}, "e": torch.ones(4, 3)}
+    dcp.save(state, storage_writer=make_writer(tmp_path / "ours"), no_dist=True)
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp_path / "stock"), no_dist=True)
+    chunked = pickle.loads((tmp_path / "stock" / ".metadata").read_bytes())  # two chunks of one tensor
+    a = chunked.state_dict_metadata["a"]
+    a.chunks = [ChunkStorageMetadata(torch.Size([0, 0]), torch.Size([2, 3])),
+                ChunkStorageMetadata(torch.Size([2, 0]), torch.Size([2, 3]))]
+    seen = []
+    monkeypatch.setattr(metadata_check, "sha256_hex", lambda data: seen.append(data) or "digest")
+    for source in (tmp_path / "ours" / ".metadata", tmp_path / "stock" / ".metadata", None):
+        metadata = chunked if source is None else pickle.loads(source.read_bytes())
+        metadata_check.metadata_digest(metadata)
+        assert seen[-1].decode().startswith(_digest_reference(metadata) + "\n")
+    assert "'a', 'torch.float32', 'torch.strided', False, 'torch.contiguous_format', False, (4, 3), " \
+           "[((0, 0), (2, 3)), ((2, 0), (2, 3))])" in seen[-1].decode()

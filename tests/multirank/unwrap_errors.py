@@ -51,7 +51,10 @@ def report(case: str, call) -> None:
             "failed_ranks": sorted(getattr(exc, "rank_failures", {})),
             "cause": type(exc.__cause__).__name__, "message": str(exc)[:200],
         }
-    print("RESULT " + json.dumps(line), flush=True)
+    # one write (< PIPE_BUF, so atomic on the shared pipe): with PYTHONUNBUFFERED, print() writes the
+    # text and its newline separately, and the other rank's line can land between them
+    sys.stdout.write("RESULT " + json.dumps(line) + "\n")
+    sys.stdout.flush()
 
 
 # Each attempt saves into a directory of its own: the coordinator's directory lock, taken in its local
