@@ -37,7 +37,9 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, Metadata, TensorProperties, TensorStorageMetadata
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+)
 
 from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import METADATA_FILE
@@ -121,33 +123,58 @@ def pickle_metadata(metadata: Metadata) -> bytes:
     Pointing equal ones at one object lets the pickle refer back to it (a memo fetch instead of
     rebuilding it): for 50,000 small tensors the file is ~30% smaller, and the safety scan and
     the unpickling that every load runs on it take about half the time. Stock DCP reads it as
-    any other pickle; the values, and so the seal's digest, are unchanged.
+    any other pickle; the values, and so the seal's digest, are unchanged. The fields are
+    pointed at the shared objects only while pickling, then given back: the ``Metadata`` that
+    ``dcp.save`` returns keeps objects of its own, as stock's does. Values of other types (a
+    custom planner's) are pickled as they are.
     """
     shared: dict[tuple, object] = {}
+    # what was replaced, in three flat lists: a tuple per field would be a new object for the
+    # collector to track, and its passes over a graph of this size cost seconds
+    owners: list[object] = []
+    fields: list[str] = []
+    originals: list[object] = []
 
     def one(value: object) -> object:
         """The first object equal to ``value`` (of its type) met in this ``.metadata``."""
-        if value is None:
-            return None
         if type(value) is torch.Size:
-            key = (torch.Size, *value)
+            key: tuple = (torch.Size, *value)
         elif type(value) is TensorProperties:
             key = (TensorProperties, value.dtype, value.layout, value.requires_grad, value.memory_format, value.pin_memory)
-        else:  # ChunkStorageMetadata (offsets and sizes already shared)
+        elif type(value) is ChunkStorageMetadata:  # its offsets and sizes already shared
             key = (ChunkStorageMetadata, id(value.offsets), id(value.sizes))
-        return shared.setdefault(key, value)
+        else:
+            return value
+        try:
+            return shared.setdefault(key, value)
+        except TypeError:  # an unhashable field: not shared
+            return value
 
-    for md in metadata.state_dict_metadata.values():
-        if type(md) is TensorStorageMetadata:
-            md.properties = one(md.properties)
-            md.size = one(md.size)
-            for chunk in md.chunks:
-                chunk.offsets, chunk.sizes = one(chunk.offsets), one(chunk.sizes)
-            md.chunks = [one(chunk) for chunk in md.chunks]
-    for index in metadata.storage_data or {}:
-        if type(index.offset) is torch.Size:  # an equal value keeps the key's hash: frozen, so set past __setattr__
-            object.__setattr__(index, "offset", one(index.offset))
-    return pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+    def point(obj: object, field: str, value: object) -> None:
+        old = getattr(obj, field)
+        if old is not value:
+            owners.append(obj)
+            fields.append(field)
+            originals.append(old)
+            object.__setattr__(obj, field, value)  # MetadataIndex is frozen; an equal offset keeps its hash
+
+    try:
+        for md in metadata.state_dict_metadata.values():
+            if type(md) is TensorStorageMetadata:
+                point(md, "properties", one(md.properties))
+                point(md, "size", one(md.size))
+                for chunk in md.chunks:
+                    if type(chunk) is ChunkStorageMetadata:
+                        point(chunk, "offsets", one(chunk.offsets))
+                        point(chunk, "sizes", one(chunk.sizes))
+                point(md, "chunks", [one(chunk) for chunk in md.chunks])
+        for index in metadata.storage_data or {}:
+            if type(index) is MetadataIndex:
+                point(index, "offset", one(index.offset))
+        return pickle.dumps(metadata, protocol=pickle.HIGHEST_PROTOCOL)
+    finally:
+        for obj, field, old in zip(reversed(owners), reversed(fields), reversed(originals)):
+            object.__setattr__(obj, field, old)
 
 
 def write_temp_metadata(dir_fd: int, tmp_name: str, metadata: Metadata | bytes, fsync: bool, directory: Path) -> None:

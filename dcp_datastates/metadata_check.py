@@ -27,7 +27,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -194,8 +194,9 @@ class _Checker:
         self.trust = trust
         self.budget = budget
         # sizes and properties already checked, by id (alive as long as the metadata holding them): a
-        # ``.metadata`` shares equal ones among its entries, and each is checked once; one table per
-        # type, so an object checked as one kind is never taken for the other
+        # ``.metadata`` shares equal ones among its entries, and each is checked once (a size is still
+        # charged to the budget at every use); one table per type, so an object checked as one kind
+        # is never taken for the other
         self.sizes: dict[int, tuple[int, ...]] = {}
         self.props: dict[int, dict[str, Any]] = {}
 
@@ -242,6 +243,7 @@ class _Checker:
     def size(self, value: object, where: str) -> tuple[int, ...]:
         known = self.sizes.get(id(value))
         if known is not None:
+            self.spend(len(known))  # met again, still paid for: what is done with it grows with its length
             return known
         if type(value) is not torch.Size:
             raise self.fail(f"{where} is a {type(value).__name__}, not a torch.Size")
@@ -353,7 +355,7 @@ def validate_metadata(metadata: object, source: str, *, trust: bool = False, bud
         chunks = tensor["chunks"]
         if type(chunks) is not list:
             raise c.fail(f"{fqn!r} chunks is a {type(chunks).__name__}, not a list")
-        covered = 0
+        covered, boxes = 0, []
         for chunk in chunks:
             c.spend()
             ch = c.fields(chunk, f"a chunk of {fqn!r}")
@@ -376,8 +378,17 @@ def validate_metadata(metadata: object, source: str, *, trust: bool = False, bud
                     f"record in {info.relative_path} is only {info.length} bytes{compressed}"
                 )
             covered += chunk_numel
+            boxes.append((offsets, sizes))
         if numel > covered:
             raise c.fail(f"{fqn!r} of shape {list(shape)} is not covered by its {len(chunks)} chunk(s)")
+        # DCP saves each element once (its global plan checks the same); overlapping chunks would
+        # leave a load's result depending on the read order, or hide a gap of equal size
+        if covered > numel:
+            raise c.fail(f"the {len(chunks)} chunks of {fqn!r} hold {covered} elements, its shape {list(shape)} "
+                         f"{numel}: they overlap")
+        overlap = _overlapping_chunks(boxes, c.spend) if len(boxes) > 1 else None
+        if overlap is not None:
+            raise c.fail(f"chunks of {fqn!r} at {list(overlap[0])} and {list(overlap[1])} overlap")
     for index in storage:
         if index.fqn not in sdm:
             raise c.fail(f"storage_data holds a record for {index.fqn!r}, which state_dict_metadata lacks")
@@ -394,6 +405,35 @@ def validate_metadata(metadata: object, source: str, *, trust: bool = False, bud
                 raise c.fail(f"storage_meta.{name} is a {type(meta[name]).__name__}, not a string")
         c.plain(meta["modules"], "storage_meta.modules")
     integrity_record(metadata, source)
+
+
+def _overlapping_chunks(
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]], spend: Callable[[], None]
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """The offsets of two chunks that share an element, or None (each comparison ``spend``-charged).
+
+    A sweep along the dimension with the most distinct offsets: a chunk is compared only with
+    those whose extent along it is still open, so a sharding along any one dimension costs a
+    comparison or so per chunk, and a grid the chunks of its band.
+    """
+    boxes = [box for box in boxes if all(box[1])]  # an empty chunk holds no element
+    if len(boxes) < 2:
+        return None
+    dims = len(boxes[0][0])
+    if dims == 0:  # two chunks of a scalar both hold its one element
+        return boxes[0][0], boxes[1][0]
+    sweep = max(range(dims), key=lambda d: len({offsets[d] for offsets, _ in boxes}))
+    boxes.sort(key=lambda box: box[0][sweep])
+    open_: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    for offsets, sizes in boxes:
+        start = offsets[sweep]
+        open_ = [box for box in open_ if box[0][sweep] + box[1][sweep] > start]
+        for other, other_sizes in open_:
+            spend()
+            if all(o < p + s and p < o + t for o, t, p, s in zip(other, other_sizes, offsets, sizes)):
+                return other, offsets
+        open_.append((offsets, sizes))
+    return None
 
 
 #: Largest list index a key path may hold (``set_element`` grows lists up to it).

@@ -14,13 +14,13 @@ say only how an operation is prepared and what a completion means.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import os
 import threading
 from abc import abstractmethod
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -52,7 +52,7 @@ def load_binding() -> Any:
     with _binding_lock:
         if _binding is None:
             if _binding_failure is not None:
-                raise _binding_failure
+                raise _binding_failure.with_traceback(None)  # a fresh traceback each time, not a growing one
             try:
                 _binding = _import_binding()
             except Exception as exc:  # ImportError, or a binding that fails to load
@@ -70,10 +70,12 @@ def _import_binding() -> Any:
     cluster's shared software tree, a non-root user of a system install -- the import fails
     (EROFS, EACCES) and io_uring is lost; where ranks start together they race on the file, and
     one sees it vanish mid-import (``FileNotFoundError``). So the import runs with the loader's
-    cache writes off, and, in case a loader we do not know writes anyway, one process of the
-    machine at a time (an exclusive ``flock`` on the package's ``__init__.py``, opened read-only).
+    cache writes off. Only where they cannot be switched off (a loader we do not know) do the
+    imports take turns, under an exclusive ``flock`` on the package's ``__init__.py``: on a
+    shared software tree that lock can span every node of the job, so it is not taken otherwise.
     """
-    with _one_process_at_a_time(), _without_loader_cache_writes():
+    with _without_loader_cache_writes() as writes_off, \
+            contextlib.nullcontext() if writes_off else _one_process_at_a_time():
         import liburing  # not installed: the ImportError says so
 
         for name in _BINDING_ATTRIBUTES:
@@ -81,7 +83,7 @@ def _import_binding() -> Any:
         return liburing
 
 
-@contextmanager
+@contextlib.contextmanager
 def _one_process_at_a_time() -> Iterator[None]:
     """Hold an exclusive ``flock`` on the binding's ``__init__.py`` (no lock where it cannot be opened)."""
     try:
@@ -94,7 +96,10 @@ def _one_process_at_a_time() -> Iterator[None]:
         fd = -1
     try:
         if fd >= 0:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError:  # NFS (EBADF on a read-only descriptor), Lustre without flock (ENOSYS): unlocked
+                pass
         yield
     finally:
         if fd >= 0:
@@ -104,26 +109,26 @@ def _one_process_at_a_time() -> Iterator[None]:
 _LOADER_CACHE_STEPS = ("exists", "create_cache_dir", "dump_cache", "add_record")
 
 
-@contextmanager
-def _without_loader_cache_writes() -> Iterator[None]:
+@contextlib.contextmanager
+def _without_loader_cache_writes() -> Iterator[bool]:
     """While the binding is imported, dynamic-import's loader finds no cache file and writes none.
 
     Its ``importer`` then scans the package, as it does anyway, and skips creating the cache
-    directory, writing the cache and recording it in the package's ``RECORD``. Another loader
-    (other names) is left alone.
+    directory, writing the cache and recording it in the package's ``RECORD``. Yields whether
+    it could: another loader (other names) is left alone.
     """
     try:
         loader = importlib.import_module("dynamic_import.importer")
     except ImportError:
         loader = None
     if loader is None or not all(callable(getattr(loader, name, None)) for name in _LOADER_CACHE_STEPS):
-        yield
+        yield False
         return
     saved = {name: getattr(loader, name) for name in _LOADER_CACHE_STEPS}
     loader.exists = lambda path: False
     loader.create_cache_dir = loader.dump_cache = loader.add_record = lambda *args, **kwargs: None
     try:
-        yield
+        yield True
     finally:
         for name, step in saved.items():
             setattr(loader, name, step)

@@ -231,6 +231,48 @@ def test_ranks_importing_the_binding_at_once_all_get_io_uring():
     assert not failed, f"{len(failed)} of {len(outcomes)} processes lost io_uring: {failed[0]}"
 
 
+def test_binding_imports_take_turns_only_where_the_loader_would_write(monkeypatch):
+    """The cross-process lock is a fallback: on a shared software tree it can span every node of a job."""
+    import contextlib
+
+    from dcp_datastates.native import uring_ring
+
+    _io_uring_or_skip()
+    entered = []
+
+    @contextlib.contextmanager
+    def recording_lock():
+        entered.append(1)
+        yield
+
+    monkeypatch.setattr(uring_ring, "_one_process_at_a_time", recording_lock)
+    assert uring_ring._import_binding().io_uring is not None and entered == []  # the loader's writes are off
+    monkeypatch.setattr(uring_ring, "_LOADER_CACHE_STEPS", ("exists", "a_step_this_loader_lacks"))
+    assert uring_ring._import_binding().io_uring is not None and entered == [1]  # unknown loader: take turns
+
+
+def test_the_fallback_lock_is_exclusive_across_processes():
+    import subprocess
+    import sys
+    from importlib.util import find_spec
+
+    from dcp_datastates.native.uring_ring import _one_process_at_a_time
+
+    _io_uring_or_skip()
+    try_lock = ("import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY)\n"
+                "try: fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('FREE')\n"
+                "except BlockingIOError: print('HELD')")
+    origin = find_spec("liburing").origin
+
+    def other_process() -> str:
+        return subprocess.run([sys.executable, "-c", try_lock, origin], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+
+    with _one_process_at_a_time():
+        assert other_process() == "HELD"
+    assert other_process() == "FREE"
+
+
 def test_a_failed_binding_import_is_raised_again_not_retried(monkeypatch):
     """A retried ``import liburing`` after a failed one gives an empty module; the first cause is what users see."""
     from dcp_datastates.native import uring_ring
@@ -244,10 +286,32 @@ def test_a_failed_binding_import_is_raised_again_not_retried(monkeypatch):
     monkeypatch.setattr(uring_ring, "_binding", None)
     monkeypatch.setattr(uring_ring, "_binding_failure", None)
     monkeypatch.setattr(uring_ring, "_import_binding", failing_import)
-    for _ in range(2):
-        with pytest.raises(EngineUnavailable, match=r"cannot be imported \(\[Errno 2\].*importer-311"):
+    depths = []
+    for _ in range(3):
+        with pytest.raises(EngineUnavailable, match=r"cannot be imported \(\[Errno 2\].*importer-311") as caught:
             create_engine("io_uring", io_threads=1, queue_depth=2)
+        cause, depth = caught.value.__cause__.__traceback__, 0
+        while cause is not None:
+            cause, depth = cause.tb_next, depth + 1
+        depths.append(depth)
     assert calls == [1]
+    assert depths[1] == depths[2]  # raised again with a fresh traceback, not one that grows each time
+
+
+def test_the_fallback_goes_on_unlocked_where_the_file_system_refuses_flock(monkeypatch):
+    """NFS refuses an exclusive flock on a read-only descriptor (EBADF), Lustre without flock (ENOSYS)."""
+    import errno
+
+    from dcp_datastates.native import uring_ring
+
+    _io_uring_or_skip()
+
+    def refused(fd, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(uring_ring.fcntl, "flock", refused)
+    monkeypatch.setattr(uring_ring, "_LOADER_CACHE_STEPS", ("exists", "a_step_this_loader_lacks"))
+    assert uring_ring._import_binding().io_uring_queue_init is not None
 
 
 def fd_flags(fd: int) -> int:

@@ -12,6 +12,7 @@ import contextlib
 import gc
 import io
 import json
+import math
 import os
 import pickle
 import shutil
@@ -466,6 +467,69 @@ def _many_records(n: int):
     sdm = {f"k{i}": BytesStorageMetadata() for i in range(n)}
     storage = {MetadataIndex(f"k{i}"): _StorageInfo("__0_ab_1.distcp", 16 * i, 16) for i in range(n)}
     return Metadata(sdm, planner_data={f"k{i}": (f"k{i}",) for i in range(n)}, storage_data=storage)
+
+
+def test_one_shared_many_dimensional_chunk_repeated_is_refused_by_its_size(tmp_path):
+    """Equal values may be pickled once, but each use of a size is still charged: 20,000 references to
+    one 64-dimension chunk (a 41 KB file) would otherwise pass the check and make a 1.5 GB seal digest."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+    )
+
+    dims = (1,) * 64
+    chunk = ChunkStorageMetadata(torch.Size((0,) * 64), torch.Size(dims))
+    md = Metadata({"t": TensorStorageMetadata(TensorProperties(dtype=torch.uint8), torch.Size(dims), [chunk] * 20_000)})
+    md.storage_data = {MetadataIndex("t", (0,) * 64): _StorageInfo("__0_ab_0.distcp", 0, 1)}
+    directory = tmp_path / "ckpt"
+    directory.mkdir()
+    (directory / "__0_ab_0.distcp").write_bytes(b"\0")
+    (directory / ".metadata").write_bytes(pickle.dumps(md, protocol=pickle.HIGHEST_PROTOCOL))
+    start = time.perf_counter()
+    error = load_error(directory)
+    assert isinstance(error, CorruptCheckpointError) and "describes more objects than its size allows" in str(error)
+    assert time.perf_counter() - start < 10
+
+
+def _tensor_with_chunks(shape: tuple[int, ...], chunks: list[tuple[tuple[int, ...], tuple[int, ...]]]):
+    """A ``.metadata`` of one float32 tensor stored as ``chunks`` (offsets, sizes), each in a record of its own."""
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import (
+        ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+    )
+
+    stored = [ChunkStorageMetadata(torch.Size(o), torch.Size(s)) for o, s in chunks]
+    md = Metadata({"t": TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size(shape), stored)})
+    md.storage_data = {MetadataIndex("t", torch.Size(o)): _StorageInfo("__0_ab_0.distcp", 64 * i, 4 * math.prod(s))
+                       for i, (o, s) in enumerate(chunks)}
+    return md
+
+
+@pytest.mark.parametrize("shape, chunks, message", [
+    ((4,), [((0,), (2,)), ((1,), (2,))], r"chunks of 't' at \[0\] and \[1\] overlap"),  # same volume, gap at [3]
+    ((2, 2), [((0, 0), (1, 2)), ((0, 1), (1, 1)), ((1, 0), (1, 1))],
+     r"chunks of 't' at \[0, 0\] and \[0, 1\] overlap"),  # 4 elements, [1, 1] missing
+    ((2, 3), [((0, 0), (2, 3)), ((0, 0), (2, 3))], "hold 12 elements, its shape \\[2, 3\\] 6: they overlap"),
+])
+def test_overlapping_chunks_are_refused_even_where_their_volume_adds_up(shape, chunks, message):
+    """Overlapping chunks are what no DCP save writes: loading them would leave elements unread (a gap of
+    the overlap's size) or depend on the read order, so the check refuses them before any read."""
+    with pytest.raises(CorruptCheckpointError, match=message):
+        validate_metadata(_tensor_with_chunks(shape, chunks), "x/.metadata")
+
+
+def test_chunks_tiling_a_tensor_pass_the_overlap_check_in_any_order():
+    import random
+
+    grid = [((r, c), (1, 2)) for r in range(64) for c in range(0, 64, 2)]  # 2,048 chunks of a 64x64 tensor
+    random.Random(0).shuffle(grid)
+    start = time.perf_counter()
+    validate_metadata(_tensor_with_chunks((64, 64), grid), "x/.metadata")
+    validate_metadata(_tensor_with_chunks((64, 64), [((0, 0), (64, 32)), ((0, 32), (64, 32)), ((5, 7), (0, 0))]),
+                      "x/.metadata")  # an empty chunk overlaps nothing
+    assert time.perf_counter() - start < 5
+    with pytest.raises(CorruptCheckpointError, match="overlap"):
+        validate_metadata(_tensor_with_chunks((64, 64), grid[:-1] + [((0, 1), (1, 2))]), "x/.metadata")
 
 
 def test_metadata_check_and_read_planning_are_linear_in_records():

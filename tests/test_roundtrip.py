@@ -8,7 +8,10 @@ import pickle
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorStorageMetadata
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties, TensorStorageMetadata,
+)
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 from torch.distributed.checkpoint.state_dict_saver import AsyncSaveResponse
 
@@ -158,6 +161,37 @@ def test_metadata_pickles_equal_small_values_once_and_stock_dcp_reads_it(tmp_pat
 
     for reader in (DataStatesReader(tmp_path / "ours"), dcp.FileSystemReader(tmp_path / "ours")):
         assert_state_equal(load_with(reader, state), state)  # ours verifies the seal over these values
+
+
+def test_pickling_metadata_leaves_the_callers_objects_and_other_types_as_they_were():
+    """Sharing is for the file only: ``dcp.save`` returns a ``Metadata`` whose entries own their objects
+    (editing one never edits another), and a custom planner's tuple offsets are pickled as they are."""
+    from dcp_datastates.commit import pickle_metadata
+
+    def entry(n: int, tuples: bool = False) -> TensorStorageMetadata:
+        offsets, sizes = ((0,), (n,)) if tuples else (torch.Size([0]), torch.Size([n]))
+        return TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([n]),
+                                     [ChunkStorageMetadata(offsets, sizes)])  # type: ignore[arg-type]
+
+    md = Metadata({"a": entry(4), "b": entry(4), "c": entry(2, tuples=True)})
+    md.storage_data = {MetadataIndex(k, torch.Size([0])): _StorageInfo("__0_0.distcp", 0, 16) for k in "ab"}
+    md.storage_data[MetadataIndex("c", (0,))] = _StorageInfo("__0_0.distcp", 16, 8)
+
+    def objects(m: Metadata) -> list[int]:
+        ids = []
+        for e in m.state_dict_metadata.values():
+            ids += [id(e.properties), id(e.size), id(e.chunks)] + [id(x) for ch in e.chunks for x in (ch, ch.offsets, ch.sizes)]
+        return ids + [id(index.offset) for index in m.storage_data]
+
+    before, expected = objects(md), copy.deepcopy(md)
+    data = pickle_metadata(md)
+    assert objects(md) == before and md == expected  # every field given back, values untouched
+    loaded = pickle.loads(data)
+    assert loaded == expected
+    a, b, c = (loaded.state_dict_metadata[k] for k in "abc")
+    assert a.properties is b.properties and a.chunks[0] is b.chunks[0] and a.size is b.size
+    assert type(c.chunks[0].offsets) is tuple and c.chunks[0].offsets == (0,)  # other types: as they are
+    assert MetadataIndex("c", (0,)) in loaded.storage_data and MetadataIndex("a", torch.Size([0])) in loaded.storage_data
 
 
 def _digest_reference(metadata) -> str:
