@@ -167,7 +167,8 @@ def pickle_metadata(metadata: Metadata) -> bytes:
                     if type(chunk) is ChunkStorageMetadata:
                         point(chunk, "offsets", one(chunk.offsets))
                         point(chunk, "sizes", one(chunk.sizes))
-                point(md, "chunks", [one(chunk) for chunk in md.chunks])
+                if type(md.chunks) is list:
+                    point(md, "chunks", [one(chunk) for chunk in md.chunks])
         for index in metadata.storage_data or {}:
             if type(index) is MetadataIndex:
                 point(index, "offset", one(index.offset))

@@ -408,13 +408,16 @@ def validate_metadata(metadata: object, source: str, *, trust: bool = False, bud
 
 
 def _overlapping_chunks(
-    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]], spend: Callable[[], None]
+    boxes: list[tuple[tuple[int, ...], tuple[int, ...]]], spend: Callable[[int], None]
 ) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
-    """The offsets of two chunks that share an element, or None (each comparison ``spend``-charged).
+    """The offsets of two chunks that share an element, or None.
 
     A sweep along the dimension with the most distinct offsets: a chunk is compared only with
     those whose extent along it is still open, so a sharding along any one dimension costs a
-    comparison or so per chunk, and a grid the chunks of its band.
+    comparison or so per chunk, and a grid the chunks of its band. Each comparison is charged to
+    ``spend`` by its dimensions, as a size is: chunks that stay open along every dimension (a
+    hypercube of them) would otherwise make a file of some hundred KB cost a quadratic number
+    of comparisons -- tens of seconds.
     """
     boxes = [box for box in boxes if all(box[1])]  # an empty chunk holds no element
     if len(boxes) < 2:
@@ -429,7 +432,7 @@ def _overlapping_chunks(
         start = offsets[sweep]
         open_ = [box for box in open_ if box[0][sweep] + box[1][sweep] > start]
         for other, other_sizes in open_:
-            spend()
+            spend(dims)
             if all(o < p + s and p < o + t for o, t, p, s in zip(other, other_sizes, offsets, sizes)):
                 return other, offsets
         open_.append((offsets, sizes))

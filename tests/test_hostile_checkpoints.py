@@ -532,6 +532,22 @@ def test_chunks_tiling_a_tensor_pass_the_overlap_check_in_any_order():
         validate_metadata(_tensor_with_chunks((64, 64), grid[:-1] + [((0, 1), (1, 2))]), "x/.metadata")
 
 
+def test_chunks_open_along_every_dimension_cost_what_their_file_allows():
+    """4,096 chunks tiling a 40-dimension tensor as a hypercube (every chunk open along every dimension
+    of the sweep): 16 million dimension comparisons from a ~1 MB file, refused by its budget in moments."""
+    from dcp_datastates.safe_pickle import load_metadata_bytes
+
+    dims, bits = 40, 12
+    chunks = [((0,) * (dims - bits) + tuple((i >> b) & 1 for b in range(bits)), (2,) * (dims - bits) + (1,) * bits)
+              for i in range(1 << bits)]
+    data = pickle.dumps(_tensor_with_chunks((2,) * dims, chunks), protocol=pickle.HIGHEST_PROTOCOL)
+    loaded = load_metadata_bytes(data, "x/.metadata", trust=False)
+    start = time.perf_counter()
+    with pytest.raises(CorruptCheckpointError, match="describes more objects than its size allows"):
+        validate_metadata(loaded, "x/.metadata", budget=8 * len(data) + 100_000)  # the loader's budget
+    assert time.perf_counter() - start < 5
+
+
 def test_metadata_check_and_read_planning_are_linear_in_records():
     from torch.distributed.checkpoint.metadata import MetadataIndex
     from torch.distributed.checkpoint.planner import LoadItemType, ReadItem

@@ -173,8 +173,9 @@ def test_pickling_metadata_leaves_the_callers_objects_and_other_types_as_they_we
         return TensorStorageMetadata(TensorProperties(dtype=torch.float32), torch.Size([n]),
                                      [ChunkStorageMetadata(offsets, sizes)])  # type: ignore[arg-type]
 
-    md = Metadata({"a": entry(4), "b": entry(4), "c": entry(2, tuples=True)})
-    md.storage_data = {MetadataIndex(k, torch.Size([0])): _StorageInfo("__0_0.distcp", 0, 16) for k in "ab"}
+    md = Metadata({"a": entry(4), "b": entry(4), "c": entry(2, tuples=True), "d": entry(4)})
+    md.state_dict_metadata["d"].chunks = tuple(md.state_dict_metadata["d"].chunks)  # type: ignore[assignment]
+    md.storage_data = {MetadataIndex(k, torch.Size([0])): _StorageInfo("__0_0.distcp", 0, 16) for k in "abd"}
     md.storage_data[MetadataIndex("c", (0,))] = _StorageInfo("__0_0.distcp", 16, 8)
 
     def objects(m: Metadata) -> list[int]:
@@ -191,6 +192,7 @@ def test_pickling_metadata_leaves_the_callers_objects_and_other_types_as_they_we
     a, b, c = (loaded.state_dict_metadata[k] for k in "abc")
     assert a.properties is b.properties and a.chunks[0] is b.chunks[0] and a.size is b.size
     assert type(c.chunks[0].offsets) is tuple and c.chunks[0].offsets == (0,)  # other types: as they are
+    assert type(loaded.state_dict_metadata["d"].chunks) is tuple
     assert MetadataIndex("c", (0,)) in loaded.storage_data and MetadataIndex("a", torch.Size([0])) in loaded.storage_data
 
 
