@@ -49,6 +49,7 @@ from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from dcp_datastates.bench_cpu import CpuClock, busy_cores, core_count
 from dcp_datastates.config import DataStatesConfig
+from dcp_datastates.planner import DataStatesLoadPlanner, DataStatesSavePlanner
 from dcp_datastates.writer import DataStatesWriter
 
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
@@ -316,6 +317,8 @@ def run_small_save(count: int, directory: Path, repeats: int) -> tuple[list[Row]
         "DataStatesWriter": lambda path: dcp.save(state, storage_writer=DataStatesWriter(path), no_dist=True),
         "DataStatesWriter, no checksums": lambda path: dcp.save(
             state, storage_writer=DataStatesWriter(path, DataStatesConfig(checksums=False)), no_dist=True),
+        "DataStatesWriter + DataStatesSavePlanner": lambda path: dcp.save(
+            state, storage_writer=DataStatesWriter(path), planner=DataStatesSavePlanner(), no_dist=True),
     }
     if tcp is not None:
         methods["torch_checkpointing sync save"] = _tcp_save(tcp, state)
@@ -366,6 +369,8 @@ def run_load(state: dict, directory: Path, repeats: int) -> tuple[list[Row], int
         "DataStatesReader": lambda: dcp.load(target, storage_reader=DataStatesReader(ours_dir), no_dist=True),
         "DataStatesReader, checksums off": lambda: dcp.load(
             target, storage_reader=DataStatesReader(ours_dir, verify_checksums=False), no_dist=True),
+        "DataStatesReader + DataStatesLoadPlanner": lambda: dcp.load(
+            target, storage_reader=DataStatesReader(ours_dir), planner=DataStatesLoadPlanner(), no_dist=True),
     }
     try:
         if tcp is not None:

@@ -50,6 +50,7 @@ from dcp_datastates.errors import (
     DataStatesError,
     IncompleteCheckpointError,
 )
+from dcp_datastates.gc_pause import gc_paused
 from dcp_datastates.integrity import IntegrityPolicy
 from dcp_datastates.metadata_check import (
     ChecksumSet,
@@ -135,8 +136,9 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         the typed error, which DCP then reports as is.
         """
         try:
-            metadata = read_checkpoint_metadata(self.path, trust=self.trust_checkpoint)
-            self._check_metadata_matches_files(metadata)
+            with gc_paused():
+                metadata = read_checkpoint_metadata(self.path, trust=self.trust_checkpoint)
+                self._check_metadata_matches_files(metadata)
         except DataStatesError as exc:
             if sys._getframe(1).f_globals.get("__name__") != "torch.distributed.checkpoint.state_dict_loader":
                 raise
@@ -153,8 +155,9 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
             self._deferred_error = None
             raise deferred[1]
         if getattr(self, "_checked", None) != (self.path, id(metadata)):  # not from our read_metadata
-            validate_metadata(metadata, str(self.path / METADATA_FILE), trust=self.trust_checkpoint)
-            self._check_metadata_matches_files(metadata)
+            with gc_paused():
+                validate_metadata(metadata, str(self.path / METADATA_FILE), trust=self.trust_checkpoint)
+                self._check_metadata_matches_files(metadata)
         self.storage_data = metadata.storage_data
 
     def _check_metadata_matches_files(self, metadata: Metadata) -> None:
@@ -191,7 +194,8 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         hosts = {p.storage_data.host for p in plans if isinstance(p.storage_data, LocalPlanInfo)}
         if self.replicated_reads == "auto" and len(hosts) < 2:
             return plans
-        shared = assign_shared_reads(plans, self.storage_data)
+        with gc_paused():
+            shared = assign_shared_reads(plans, self.storage_data)
         return plans if shared is None else [dataclasses.replace(p, storage_data=shared) for p in plans]
 
     # -- read, verify, deliver -----------------------------------------------------------------
@@ -199,10 +203,11 @@ class DataStatesReader(DirectoryCheckpointId, StorageReader):
         """Read every record of ``plan`` (read plan -> read engine -> verify -> deliver); see the module doc."""
         self.last_read = ReadStats()
         shared = plan.storage_data if isinstance(plan.storage_data, SharedReads) else None
-        if shared is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() == shared.world_size:
-            self._read_with_exchange(plan.items, planner, shared)
-        elif plan.items:
-            self._read_items(plan.items, planner)
+        with gc_paused():
+            if shared is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() == shared.world_size:
+                self._read_with_exchange(plan.items, planner, shared)
+            elif plan.items:
+                self._read_items(plan.items, planner)
         future: Future[None] = Future()
         future.set_result(None)
         return future

@@ -55,6 +55,7 @@ from dcp_datastates.dcp_call import find_async_save_call
 from dcp_datastates.dir_files import CheckpointDir
 from dcp_datastates.directory import DirectoryCheckpointId
 from dcp_datastates import tier_save
+from dcp_datastates.gc_pause import gc_paused
 from dcp_datastates.errors import CheckpointExistsError, CheckpointPathError, DataStatesError, InvalidOptionError
 from dcp_datastates.held import held_file_contents
 from dcp_datastates.integrity import IntegrityPolicy
@@ -320,7 +321,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         """
         tag = self.save_id[:8]
         reports = [plan.storage_data if isinstance(plan.storage_data, StagedItems) else None for plan in plans]
-        items = assign_owners(plans, reports) if any(r is not None for r in reports) else [p.items for p in plans]
+        with gc_paused():
+            items = assign_owners(plans, reports) if any(r is not None for r in reports) else [p.items for p in plans]
         return [
             dataclasses.replace(plan, items=owned, storage_data=FilePrefix(f"__{rank}_{tag}_"))
             for rank, (plan, owned) in enumerate(zip(plans, items))
@@ -378,8 +380,9 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
 
         def plan() -> SnapshotPlan:  # on the snapshot thread; reused while the state's structure is unchanged
             planner = DataStatesSavePlanner()
-            planner.set_up_planner(captured.state_dict, storage_meta=None, is_coordinator=rank == 0)
-            planned = plan_snapshot(planner, group, prefix)
+            with gc_paused():
+                planner.set_up_planner(captured.state_dict, storage_meta=None, is_coordinator=rank == 0)
+                planned = plan_snapshot(planner, group, prefix)
             return SnapshotPlan(planned.layout, planner.resolve_data, planned.held, captured.private_ids)
 
         snapshot = Snapshot(self.path, None, None, self.config, self._pool, plan=plan, identity=self._claim_identity(),
@@ -482,7 +485,7 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             if interrupt is not None:
                 interrupt.add_tag(_tag_of(prefix.prefix))  # the save's files are renamed to the global tag
                 interrupt.check()
-            with self._claim_identity().open_dir() as files:
+            with self._claim_identity().open_dir() as files, gc_paused():
                 try:
                     records = self._final_files(files, plan, result, prefix.prefix, created)
                     if interrupt is not None and not self.is_coordinator:
@@ -498,7 +501,8 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             self._end_save()  # this rank's part is done; the coordinator's finish() commits
         result.held = {}  # the copies are written or not ours: release their memory now
         self.last_stats = result
-        results = [_write_result(item, records[item.index]) for item in plan.items]
+        with gc_paused():
+            results = [_write_result(item, records[item.index]) for item in plan.items]
         future: Future[list[WriteResult]] = Future()
         future.set_result(results)
         return future
@@ -544,10 +548,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
             self._shipped_result = None
             return Path(directory), shipped
         prefix: FilePrefix = plan.storage_data
-        layout = plan_layout(planner, plan.items, prefix.prefix)
-        snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool,
-                            identity=self._claim_identity(), interrupt=self._interrupt)
-        snapshot.run()
+        with gc_paused():  # dcp.save: the caller waits for all of it anyway
+            layout = plan_layout(planner, plan.items, prefix.prefix)
+            snapshot = Snapshot(self.path, layout, planner.resolve_data, self.config, self._pool,
+                                identity=self._claim_identity(), interrupt=self._interrupt)
+            snapshot.run()
         return self.path, snapshot.done.result()
 
     def _pool(self, state_bytes: int | None = None) -> HostBufferPool:
@@ -569,6 +574,11 @@ class DataStatesWriter(DirectoryCheckpointId, StorageWriter, AsyncStager):
         """Commit (coordinator only): check the files, then publish ``.metadata`` atomically (``commit.py``)."""
         if self._tier is not None and self._tier.local:  # multi-level: seal, commit locally, hand to the tier worker
             return tier_save.finish(self._tier, self, metadata, results)
+        with gc_paused():
+            self._commit(metadata, results)
+
+    def _commit(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """``finish`` proper: seal and publish; on failure remove every rank's files of this save."""
         try:
             storage_data = {r.index: r.storage_data for rank_results in results for r in rank_results}
             metadata.storage_data = storage_data
